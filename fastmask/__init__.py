@@ -1,0 +1,29 @@
+"""fastmask: fast, correct masked softmax for attention on multi-core CPUs.
+
+>>> import numpy as np, fastmask as fm
+>>> w = fm.masked_softmax(np.zeros((2, 4), np.float32), fm.masks.causal())
+>>> w.tolist()
+[[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]
+"""
+
+from . import masks, plugins
+from ._version import __version__
+from .api import explain, masked_softmax
+from .backends.base import Backend, Verdict
+from .hookspecs import hookimpl
+from .router import BackendError
+from .threads import get_num_threads, set_num_threads
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Verdict",
+    "__version__",
+    "explain",
+    "get_num_threads",
+    "hookimpl",
+    "masked_softmax",
+    "masks",
+    "plugins",
+    "set_num_threads",
+]

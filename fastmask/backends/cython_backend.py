@@ -1,0 +1,58 @@
+"""The ``cython`` backend: ahead-of-time compiled OpenMP kernels (``fastmask/_kernels.pyx``).
+
+No JIT warm-up and the lowest per-call overhead, so it serves first calls and
+tiny calls best.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..hookspecs import hookimpl
+from ..threads import threads_for
+from .base import Backend, Verdict
+
+try:
+    from .. import _kernels
+except ImportError as exc:  # built without a compiler, or a broken build
+    _kernels = None
+    _IMPORT_ERROR = (
+        f"compiled extension fastmask._kernels is missing ({exc}); reinstall with a C compiler"
+    )
+else:
+    _IMPORT_ERROR = ""
+    # GNU OpenMP is not fork-safe: a forked child runs these kernels serially.
+    os.register_at_fork(after_in_child=_kernels.after_fork_in_child)
+
+
+class CythonBackend(Backend):
+    name = "cython"
+    device = "cpu"
+    description = "Cython + OpenMP kernels (compiled at install, no warm-up)"
+
+    #: Cost model in microseconds, calibrated with benchmarks/bench_softmax.py.
+    OVERHEAD_US = 1.0
+    PER_ELEMENT_US = 0.00022
+
+    def status(self) -> tuple[bool, str]:
+        if _kernels is None:
+            return False, _IMPORT_ERROR
+        return True, "OpenMP" if _kernels.openmp_enabled() else "serial build (no OpenMP)"
+
+    def check(self, request) -> Verdict:
+        n = threads_for(request.size, request.rows)
+        if not _kernels.openmp_enabled():
+            n = 1
+        cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
+        return Verdict(True, f"{n} thread(s)", cost)
+
+    def masked_softmax(self, request) -> None:
+        _kernels.masked_softmax_4d(
+            request.x4, request.out4, request.scale, request.keep4, request.bias4,
+            request.bounds4, request.h0, threads_for(request.size, request.rows),
+        )  # fmt: skip
+
+
+@hookimpl
+def fastmask_backends():
+    return [CythonBackend()]

@@ -1,0 +1,93 @@
+"""The ``numba`` backend: JIT-compiled parallel kernels (``fastmask/kernels/numba_softmax.py``).
+
+Threading: Numba's ``omp`` layer aborts forked children and its ``workqueue``
+layer crashes when two Python threads launch parallel kernels at once. fastmask
+selects ``workqueue`` (fork-safe) unless ``NUMBA_THREADING_LAYER`` is set, and
+serialises its own parallel launches with a process-wide lock (re-created in a
+forked child). Serial calls (small inputs) take no lock.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+
+from ..hookspecs import hookimpl
+from ..threads import threads_for
+from .base import Backend, Verdict
+
+_launch_lock = threading.Lock()
+_kernels = None  # fastmask.kernels.numba_softmax, imported on first use (importing numba is slow)
+
+
+def _reset_lock_in_child() -> None:
+    global _launch_lock
+    _launch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
+def _load():
+    global _kernels
+    if _kernels is None:
+        import numba
+
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            numba.config.THREADING_LAYER = "workqueue"
+        from ..kernels import numba_softmax
+
+        _kernels = numba_softmax
+    return _kernels
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    device = "cpu"
+    description = "Numba parallel kernels (JIT, cached on disk)"
+
+    #: Cost model in microseconds, calibrated with benchmarks/bench_softmax.py.
+    OVERHEAD_US = 6.0
+    PER_ELEMENT_US = 0.00022
+    #: Loading (or compiling) the kernels for a dtype the first time in a process.
+    WARMUP_US = 300_000.0
+
+    def status(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("numba") is None:
+            return False, "numba is not installed"
+        return True, ""
+
+    def check(self, request) -> Verdict:
+        n = threads_for(request.size, request.rows)
+        cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
+        if _kernels is None or not _kernels.is_compiled(request.dtype):
+            return Verdict(True, f"{n} thread(s), JIT warm-up first", cost + self.WARMUP_US)
+        return Verdict(True, f"{n} thread(s)", cost)
+
+    def masked_softmax(self, request) -> None:
+        kernels = _load()
+        warm = kernels.is_compiled(request.dtype)
+        n = threads_for(request.size, request.rows)
+        args = (
+            request.x4, request.out4, request.scale, request.keep4, request.bias4,
+            request.bounds4, request.h0,
+        )  # fmt: skip
+        if n == 1:
+            kernels.masked_softmax_4d(*args, 1)
+        else:
+            import numba
+
+            with _launch_lock:
+                n = min(n, numba.config.NUMBA_NUM_THREADS)
+                numba.set_num_threads(n)
+                kernels.masked_softmax_4d(*args, n)
+        if not warm:
+            from .. import router
+
+            router.invalidate()  # its cost estimate just dropped
+
+
+@hookimpl
+def fastmask_backends():
+    return [NumbaBackend()]

@@ -1,0 +1,335 @@
+"""Turning a user's call into what backends see: validated, canonical 4-D views.
+
+Every operand is brought to the logits' shape by broadcasting *views* (zero
+strides, nothing expanded in memory), the softmax axis is moved last, and the
+leading axes are folded into ``(B, H, Q)``. Backends receive a
+:class:`SoftmaxRequest` and never see user input directly.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .masks import MaskStrategy
+from .masks.base import MaskPlan, canonical_dims
+from .masks.dense import DenseMask
+from .threads import get_num_threads
+
+__all__ = ["SoftmaxRequest", "as_array", "build_softmax_requests"]
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_F16, _F32, _F64 = FLOAT_DTYPES
+_COMPUTE = {_F16: _F32, _F32: _F32, _F64: _F64}
+
+
+@dataclass(frozen=True)
+class SoftmaxRequest:
+    """One masked-softmax call, as backends see it.
+
+    Attributes
+    ----------
+    x4, out4 : ndarray
+        ``(B, H, Q, N)`` views of the logits and the output (same dtype; ``out4``
+        is either exactly ``x4``'s memory or disjoint from it).
+    keep4 : ndarray of bool or None
+        Dense keep-mask view of shape ``(B, H, Q, N)``, zero strides where broadcast.
+    bias4 : ndarray or None
+        Additive bias view of shape ``(B, H, Q, N)`` in ``compute_dtype``.
+    bounds4 : ndarray of int64 or None
+        ``(B, H, Q, 2)`` view: kept keys of each row are ``[lo, hi)``, clipped to ``[0, N]``.
+    scale : float
+        Multiplies the logits first (1.0 when none).
+    h0 : int
+        Global index of this request's first head (non-zero only for split calls).
+    compute_dtype : dtype
+        float32 for float16/float32 logits, float64 for float64.
+    strategy : MaskStrategy or None
+        The user's mask strategy (for backends that evaluate strategies themselves).
+    key : tuple
+        Routing signature: requests with equal keys route to the same backend.
+    """
+
+    op: str
+    x4: np.ndarray
+    out4: np.ndarray
+    keep4: np.ndarray | None
+    bias4: np.ndarray | None
+    bounds4: np.ndarray | None
+    scale: float
+    h0: int
+    compute_dtype: np.dtype
+    strategy: MaskStrategy | None
+    key: tuple
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.x4.dtype
+
+    @property
+    def shape4(self) -> tuple[int, int, int, int]:
+        return self.x4.shape  # type: ignore[return-value]
+
+    @property
+    def rows(self) -> int:
+        b, h, q, _ = self.x4.shape
+        return b * h * q
+
+    @property
+    def size(self) -> int:
+        return self.x4.size
+
+
+def as_array(obj: Any, what: str) -> np.ndarray:
+    """An ndarray view of ``obj`` (zero-copy for NumPy arrays and CPU tensors)."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "__cuda_array_interface__"):
+        raise TypeError(
+            f"{what} is a GPU device array; no installed backend serves device arrays. "
+            "Install the CUDA plugin (pip install ./plugins/fastmask-cuda) or copy it to the host."
+        )
+    try:
+        if hasattr(obj, "__array__"):
+            return np.asarray(obj)
+        if hasattr(obj, "__dlpack__"):
+            return np.from_dlpack(obj)
+        return np.asarray(obj)
+    except (RuntimeError, BufferError) as exc:
+        raise TypeError(f"{what} could not be viewed as a NumPy array: {exc}") from exc
+
+
+def _check_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
+    dt = a.dtype
+    if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
+        raise TypeError(f"{what} must be float16, float32 or float64; got {dt}. {hint}")
+    if not dt.isnative:
+        a = a.astype(dt.newbyteorder("="))
+    return a
+
+
+def _scale(scale: Any) -> float:
+    if scale is None:
+        return 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number; got {scale!r}")
+    s = float(scale)
+    if not np.isfinite(s):
+        raise ValueError(f"scale must be finite; got {s}")
+    return s
+
+
+def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Validate ``out``; return it and whether it is ``x`` itself (in place)."""
+    o = as_array(out, "out")
+    if o.shape != x.shape:
+        raise ValueError(f"out has shape {o.shape}; it must match x's shape {x.shape}")
+    if o.dtype != x.dtype:
+        raise ValueError(f"out has dtype {o.dtype}; it must match x's dtype {x.dtype}")
+    if not o.flags.writeable:
+        raise ValueError("out is read-only; pass a writable array (or x itself for in place)")
+    if not np.may_share_memory(o, x):
+        return o, False
+    same = (
+        o.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+        and o.strides == x.strides
+    )
+    if same:
+        return o, True
+    if np.shares_memory(o, x):
+        raise ValueError(
+            "out overlaps x without being x itself; pass out=x for in place, or a separate array"
+        )
+    return o, False
+
+
+def _fold(a: np.ndarray) -> np.ndarray | None:
+    """``(..., Q, N)`` -> ``(B, H, Q, N)`` view; None if the middle axes don't fold as a view."""
+    nd = a.ndim
+    if nd == 4:
+        return a
+    if nd == 3:
+        return a[:, None]
+    if nd == 2:
+        return a[None, None]
+    if nd == 1:
+        return a[None, None, None]
+    mid_shape = a.shape[1:-2]
+    mid_strides = a.strides[1:-2]
+    stride = None
+    for d, s in zip(reversed(mid_shape), reversed(mid_strides), strict=True):
+        if d == 1:
+            continue
+        if stride is None:
+            inner, stride = s, s * d
+        elif s == stride:
+            stride = s * d
+        else:
+            return None
+    h = int(np.prod(mid_shape))
+    if stride is None or h == 0:
+        inner = 0
+    return np.lib.stride_tricks.as_strided(
+        a, (a.shape[0], h, a.shape[-2], a.shape[-1]), (a.strides[0], inner, *a.strides[-2:])
+    )
+
+
+def _bounds4(plan: MaskPlan, b: int, h: int, q: int, n: int) -> np.ndarray:
+    lo = np.clip(plan.lo, 0, n)
+    hi = np.clip(plan.hi, 0, n)
+    small = np.broadcast_shapes(lo.shape, hi.shape)
+    both = np.empty((*small, 2), np.int64)
+    both[..., 0] = lo
+    both[..., 1] = hi
+    while both.ndim < 4:
+        both = both[None]
+    return np.broadcast_to(both, (b, h, q, 2))
+
+
+def _mask_key(mask: MaskStrategy | None) -> Any:
+    return None if mask is None else mask.key
+
+
+def build_softmax_requests(
+    x: Any,
+    mask: Any = None,
+    *,
+    bias: Any = None,
+    scale: Any = None,
+    axis: Any = -1,
+    out: Any = None,
+) -> tuple[list[SoftmaxRequest], np.ndarray]:
+    """Validate a ``masked_softmax`` call and build its request(s).
+
+    Returns
+    -------
+    requests : list of SoftmaxRequest
+        Usually one; several when the middle axes of some operand cannot be folded
+        into one head axis without a copy (the call is then split along axis 1).
+    out : ndarray
+        The array the result is written to (``x``'s shape and dtype).
+    """
+    xa = _check_float(
+        as_array(x, "x"), "x (the logits)", "Convert first, e.g. x.astype(numpy.float32)."
+    )
+    nd = xa.ndim
+    if nd == 0:
+        raise ValueError("x must have at least one axis (the softmax axis); got a 0-d array")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {axis!r}")
+    ax = int(axis)
+    if not -nd <= ax < nd:
+        raise np.exceptions.AxisError(ax, nd)
+    ax %= nd
+    s = _scale(scale)
+
+    strategy: MaskStrategy | None
+    if mask is None or isinstance(mask, MaskStrategy):
+        strategy = mask
+    else:
+        m = as_array(mask, "mask")
+        if m.dtype != np.bool_:
+            raise TypeError(
+                f"mask= takes a boolean array (True = keep/attend) or a fastmask.masks strategy; "
+                f"got a {m.dtype} array. fastmask never guesses a mask convention: use "
+                "mask=fastmask.masks.keep(a) if nonzero means attend, "
+                "mask=fastmask.masks.drop(a) if nonzero means masked out (TF tutorial, "
+                "PyTorch key_padding_mask), or bias=a for an additive float mask (-inf/-1e9)."
+            )
+        strategy = DenseMask(m, "keep")
+    if strategy is not None and strategy.structured and ax != nd - 1:
+        raise ValueError(
+            f"{strategy!r} is defined on (..., Lq, Lk) with the softmax axis last; "
+            f"got axis={axis}. Move the softmax axis last, or pass a dense mask "
+            "(strategy.to_dense(shape))."
+        )
+    plan = strategy.plan(xa.shape) if strategy is not None else None
+
+    cdt = _COMPUTE[xa.dtype]
+    operands: list[np.ndarray | None] = [xa, None, None, None]  # x, out, keep, bias
+    if plan is not None and plan.keep is not None:
+        operands[2] = np.broadcast_to(plan.keep, xa.shape)
+    if bias is not None:
+        ba = _check_float(
+            as_array(bias, "bias"),
+            "bias",
+            "Pass an additive float mask (e.g. -inf or -1e9 at masked positions).",
+        )
+        if ba.ndim > nd:
+            raise ValueError(f"bias has {ba.ndim} dimensions, more than x's {nd}")
+        try:
+            operands[3] = np.broadcast_to(ba.astype(cdt, copy=False), xa.shape)
+        except ValueError:
+            raise ValueError(
+                f"bias of shape {ba.shape} does not broadcast to x's shape {xa.shape}"
+            ) from None
+
+    inplace = False
+    if out is None:
+        oa = np.empty(xa.shape, xa.dtype)
+    else:
+        oa, inplace = _check_out(out, xa)
+    operands[1] = oa
+
+    if ax != nd - 1:
+        operands = [None if a is None else np.moveaxis(a, ax, -1) for a in operands]
+    b, h, q, n = canonical_dims(operands[0].shape)  # type: ignore[union-attr]
+    bounds = None if plan is None or plan.lo is None else _bounds4(plan, b, h, q, n)
+
+    key = (
+        "masked_softmax",
+        xa.shape,
+        xa.dtype.char,
+        ax,
+        operands[0].strides[-1] == xa.itemsize,  # type: ignore[union-attr]
+        operands[2] is not None,
+        operands[3] is not None,
+        bounds is not None,
+        _mask_key(strategy),
+        inplace,
+        get_num_threads(),
+    )
+    folded = [None if a is None else _fold(a) for a in operands]
+    if any(f is None and a is not None for f, a in zip(folded, operands, strict=True)):
+        requests = _split(operands, bounds, s, cdt, strategy, key, h0=0)
+    else:
+        requests = [
+            SoftmaxRequest(
+                "masked_softmax", folded[0], folded[1], folded[2], folded[3], bounds,
+                s, 0, cdt, strategy, key,
+            )
+        ]  # fmt: skip
+    return requests, oa
+
+
+def _split(
+    operands: list[np.ndarray | None],
+    bounds: np.ndarray | None,
+    s: float,
+    cdt: np.dtype,
+    strategy: MaskStrategy | None,
+    key: tuple,
+    h0: int,
+) -> list[SoftmaxRequest]:
+    """Split along axis 1 until every operand folds to 4-D as a view."""
+    x = operands[0]
+    assert x is not None
+    inner_h = canonical_dims(x.shape)[1] // max(x.shape[1], 1)
+    requests: list[SoftmaxRequest] = []
+    for i in range(x.shape[1]):
+        sub = [None if a is None else a[:, i] for a in operands]
+        sub_bounds = None if bounds is None else bounds[:, i * inner_h : (i + 1) * inner_h]
+        folded = [None if a is None else _fold(a) for a in sub]
+        if any(f is None and a is not None for f, a in zip(folded, sub, strict=True)):
+            requests += _split(sub, sub_bounds, s, cdt, strategy, key, h0 + i * inner_h)
+        else:
+            requests.append(
+                SoftmaxRequest(
+                    "masked_softmax", folded[0], folded[1], folded[2], folded[3], sub_bounds,
+                    s, h0 + i * inner_h, cdt, strategy, key,
+                )
+            )  # fmt: skip
+    return requests

@@ -1,0 +1,164 @@
+"""The router: asks every backend about a call and runs the cheapest that can serve it.
+
+Decisions are cached per call signature (``SoftmaxRequest.key``), so a repeat
+call costs a dictionary lookup. The cache is cleared when the set of plugins
+changes or a backend's cost changes (e.g. once a JIT backend has compiled).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from . import plugins
+from .backends.base import Backend, Verdict
+from .request import SoftmaxRequest
+
+__all__ = ["BackendError", "Candidate", "Explanation", "choose", "evaluate", "invalidate"]
+
+#: Bound on the decision cache; beyond it the cache starts over (a soak must not grow it).
+MAX_CACHED_DECISIONS = 4096
+
+_cache: dict[tuple, Backend] = {}
+_lock = threading.Lock()
+
+
+class BackendError(RuntimeError):
+    """A backend failed while running a call it had accepted.
+
+    fastmask does not silently fall back to another backend: a failure there is a
+    bug to see, not to hide. The original exception is chained.
+    """
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One backend's verdict on one call."""
+
+    name: str
+    device: str
+    ok: bool
+    reason: str
+    cost: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`fastmask.explain` returns: the choice and every candidate's verdict."""
+
+    chosen: str | None
+    forced: bool
+    candidates: tuple[Candidate, ...]
+    summary: str
+
+    def __str__(self) -> str:
+        lines = [f"call: {self.summary}"]
+        if self.chosen is None:
+            lines.append("chosen: none — no backend can serve this call")
+        else:
+            lines.append(f"chosen: {self.chosen}" + (" (forced)" if self.forced else " (cheapest)"))
+        width = max([len(c.name) for c in self.candidates] + [7])
+        lines.append(
+            f"  {'backend':<{width}}  {'device':<6}  {'verdict':<7}  {'cost (us)':>10}  why"
+        )
+        for c in self.candidates:
+            cost = f"{c.cost:10.1f}" if c.ok else f"{'-':>10}"
+            verdict = "ok" if c.ok else "cannot"
+            mark = "*" if c.name == self.chosen else " "
+            lines.append(
+                f"{mark} {c.name:<{width}}  {c.device:<6}  {verdict:<7}  {cost}  {c.reason}"
+            )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def invalidate() -> None:
+    """Forget cached routing decisions."""
+    with _lock:
+        _cache.clear()
+
+
+plugins._on_change.append(invalidate)
+
+
+def _verdict(backend: Backend, request: SoftmaxRequest) -> Verdict:
+    if request.op not in backend.ops:
+        return Verdict.no(f"does not implement {request.op}")
+    available, note = backend.status()
+    if not available:
+        return Verdict.no(note or "not available")
+    try:
+        return backend.check(request)
+    except Exception as exc:  # a plugin's bug must not take routing down
+        return Verdict.no(f"check() raised {type(exc).__name__}: {exc}")
+
+
+def evaluate(request: SoftmaxRequest) -> list[Candidate]:
+    """Every registered backend's verdict on ``request``, in registration order."""
+    out = []
+    for name, backend in plugins.backends().items():
+        v = _verdict(backend, request)
+        out.append(
+            Candidate(name, backend.device, v.ok, v.reason, v.cost if v.ok else float("inf"))
+        )
+    return out
+
+
+def _cheapest(candidates: list[Candidate]) -> str | None:
+    best = None
+    for c in candidates:
+        if c.ok and (best is None or c.cost < best.cost):
+            best = c
+    return None if best is None else best.name
+
+
+def forced(name: str, request: SoftmaxRequest) -> Backend:
+    """The backend called ``name``, if it can serve ``request``; else a clear error."""
+    table = plugins.backends()
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(table)}")
+    backend = table[name]
+    v = _verdict(backend, request)
+    if not v.ok:
+        raise ValueError(f"backend {name!r} cannot serve this call: {v.reason}")
+    return backend
+
+
+def choose(request: SoftmaxRequest) -> Backend:
+    """The cheapest backend able to serve ``request`` (cached per call signature)."""
+    backend = _cache.get(request.key)
+    if backend is not None:
+        return backend
+    candidates = evaluate(request)
+    name = _cheapest(candidates)
+    if name is None:
+        reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)
+        raise ValueError(f"no backend can serve this call ({reasons})")
+    backend = plugins.backends()[name]
+    with _lock:
+        if len(_cache) >= MAX_CACHED_DECISIONS:
+            _cache.clear()
+        _cache[request.key] = backend
+    return backend
+
+
+def explain(request: SoftmaxRequest, summary: str, backend: str | None = None) -> Explanation:
+    """Build the :class:`Explanation` of routing ``request``."""
+    candidates = evaluate(request)
+    if backend is not None:
+        forced(backend, request)
+        chosen = backend
+    else:
+        chosen = _cheapest(candidates)
+    return Explanation(chosen, backend is not None, tuple(candidates), summary)
+
+
+def run(backend: Backend, request: SoftmaxRequest) -> None:
+    """Run ``request`` on ``backend``; a failure is reported as :class:`BackendError`."""
+    try:
+        getattr(backend, request.op)(request)
+    except Exception as exc:
+        raise BackendError(
+            f"backend {backend.name!r} failed on {request.op}: {type(exc).__name__}: {exc}"
+        ) from exc

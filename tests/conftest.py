@@ -1,0 +1,66 @@
+"""Shared fixtures: every backend runs the same tests against the NumPy reference."""
+
+from __future__ import annotations
+
+import os
+
+# The suite must not pick up whatever plugins happen to be installed.
+os.environ.setdefault("FASTMASK_LOAD_PLUGINS", "")
+
+import numpy as np
+import pytest
+
+import fastmask as fm
+from fastmask.reference import masked_softmax_reference
+
+BACKENDS = ("numpy", "numba", "cython")
+
+#: CI sets this so that a backend that cannot run fails the suite instead of skipping.
+REQUIRE_ALL = os.environ.get("FASTMASK_REQUIRE_ALL_BACKENDS") == "1"
+
+TOLERANCE = {
+    np.dtype(np.float16): {"atol": 1e-3, "rtol": 2e-3},
+    np.dtype(np.float32): {"atol": 1e-6, "rtol": 1e-5},
+    np.dtype(np.float64): {"atol": 1e-12, "rtol": 1e-12},
+}
+
+DTYPES = (np.float16, np.float32, np.float64)
+
+
+def backend_available(name: str) -> tuple[bool, str]:
+    backend = fm.plugins.backends().get(name)
+    if backend is None:
+        return False, f"backend {name!r} is not registered"
+    return backend.status()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    ok, why = backend_available(request.param)
+    if not ok:
+        if REQUIRE_ALL:
+            pytest.fail(f"backend {request.param!r} is unavailable: {why}")
+        pytest.skip(f"backend {request.param!r} is unavailable: {why}")
+    return request.param
+
+
+def assert_matches_reference(y, x, keep=None, bias=None, scale=None, axis=-1):
+    """``y`` equals the float64 reference within the dtype's tolerance; masked entries are 0."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    assert y.shape == x.shape
+    assert y.dtype == x.dtype.newbyteorder("=")
+    ref = masked_softmax_reference(x, keep, bias, scale, axis)
+    np.testing.assert_allclose(y.astype(np.float64), ref, equal_nan=True, **TOLERANCE[y.dtype])
+    if keep is not None:
+        masked = ~np.broadcast_to(np.asarray(keep, bool), x.shape) & ~np.isnan(ref)
+        assert np.all(y[masked] == 0), "masked positions must be exactly 0"
+
+
+def logits(rng, shape, dtype=np.float32, spread=4.0):
+    return (rng.standard_normal(shape) * spread).astype(dtype)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
