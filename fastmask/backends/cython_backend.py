@@ -21,8 +21,14 @@ except ImportError as exc:  # built without a compiler, or a broken build
     )
 else:
     _IMPORT_ERROR = ""
-    # GNU OpenMP is not fork-safe: a forked child runs these kernels serially.
-    os.register_at_fork(after_in_child=_kernels.after_fork_in_child)
+    # GNU OpenMP is not fork-safe. Before a fork the OpenMP pool is released when no
+    # region is running, so the child can start a fresh one; otherwise the child
+    # runs these kernels serially.
+    os.register_at_fork(
+        before=_kernels.before_fork,
+        after_in_parent=_kernels.after_fork_in_parent,
+        after_in_child=_kernels.after_fork_in_child,
+    )
 
 
 class CythonBackend(Backend):
@@ -37,7 +43,12 @@ class CythonBackend(Backend):
     def status(self) -> tuple[bool, str]:
         if _kernels is None:
             return False, _IMPORT_ERROR
-        return True, "OpenMP" if _kernels.openmp_enabled() else "serial build (no OpenMP)"
+        info = _kernels.build_info()
+        threads = "OpenMP" if info["openmp"] else "serial build (no OpenMP)"
+        if info["serial_only"]:
+            threads += ", serial in this forked child"
+        debug = ", debug build (bounds checks)" if info["debug"] else ""
+        return True, f"{threads}, {info['isa']} kernels{debug}"
 
     def check(self, request) -> Verdict:
         n = threads_for(request.size, request.rows)

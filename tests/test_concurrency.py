@@ -1,0 +1,128 @@
+"""Inference-server conditions: many Python threads at once, and forked workers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, assert_matches_reference
+
+import fastmask as fm
+from fastmask import masks
+
+COMPILED = [b for b in BACKENDS if b != "numpy"]
+
+
+def _cases():
+    rng = np.random.default_rng(7)
+    cases = []
+    for i, dtype in enumerate([np.float32, np.float64, np.float16, np.float32]):
+        # Large enough that the compiled backends run with several threads.
+        shape = [(4, 8, 64, 96), (2, 4, 33, 300), (3, 6, 16, 500), (1, 2, 1, 70_000)][i]
+        x = (rng.standard_normal(shape) * 3).astype(dtype)
+        b = shape[0]
+        mask = [
+            masks.padding(rng.integers(0, shape[-1] + 1, b)),
+            masks.causal(align="bottom-right"),
+            rng.random((b, 1, 1, shape[-1])) < 0.7,
+            None,
+        ][i]
+        cases.append((x, mask))
+    return cases
+
+
+def test_many_python_threads_at_once(backend):
+    if backend == "numpy":
+        pytest.skip("the reference backend runs no threads of its own")
+    cases = _cases()
+    expected = [fm.masked_softmax(x, m, backend=backend) for x, m in cases]
+
+    def worker(seed: int) -> int:
+        bad = 0
+        for call in range(200):
+            k = (seed + call) % len(cases)
+            x, m = cases[k]
+            y = fm.masked_softmax(x, m, backend=backend)
+            bad += not np.array_equal(y, expected[k], equal_nan=True)
+        return bad
+
+    with ThreadPoolExecutor(16) as pool:
+        mismatches = sum(pool.map(worker, range(16)))
+    assert mismatches == 0
+
+
+def _check_every_backend() -> None:
+    for x, m in _cases():
+        keep = m.to_dense(x.shape) if isinstance(m, masks.MaskStrategy) else m
+        for name in COMPILED:
+            assert_matches_reference(fm.masked_softmax(x, m, backend=name), x, keep)
+
+
+def _child_work(queue) -> None:
+    try:
+        _check_every_backend()
+        queue.put("ok")
+    except BaseException as exc:  # report, don't hang the parent
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def _use_every_backend() -> None:
+    for x, m in _cases():
+        for name in COMPILED:
+            fm.masked_softmax(x, m, backend=name)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_worker_processes_after_parallel_use(method):
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"start method {method!r} unavailable on {sys.platform}")
+    for name in COMPILED:
+        ok, why = fm.plugins.backends()[name].status()
+        if not ok:
+            pytest.skip(why)
+    _use_every_backend()
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_work, args=(queue,))
+    proc.start()
+    proc.join(120)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail(f"child started with {method!r} hung")
+    assert proc.exitcode == 0
+    assert queue.get(timeout=5) == "ok"
+
+
+def test_os_fork_child_computes_correctly():
+    _use_every_backend()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            _check_every_backend()
+            os.write(write, b"ok")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while True:  # a hang in the child fails the test instead of the suite
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("forked child hung")
+        time.sleep(0.05)
+    message = os.read(read, 100)
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0 and message == b"ok"

@@ -1,0 +1,579 @@
+"""fastmask._kernels (Cython + OpenMP) against the NumPy reference.
+
+Covers every dtype, keep / bias / bounds alone and together, awkward layouts (negative,
+non-unit and 0 strides, in place), row lengths around the kernel's block sizes, the
+-inf / NaN edge cases, the vector exp and the float16 conversions, each kernel ISA
+variant this CPU can run, serial and 2 threads, fork handling, and argument checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from fastmask.reference import masked_softmax_reference
+
+if importlib.util.find_spec("fastmask._kernels") is None:
+    pytest.skip(
+        "fastmask._kernels is not built (run `python setup.py build_ext --inplace`)",
+        allow_module_level=True,
+    )
+
+from fastmask import _kernels as K
+
+DTYPES = [np.float16, np.float32, np.float64]
+ISAS = K._isa_available()
+LENGTHS = [*range(1, 18), 31, 32, 33, 64, 1000]
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def compute_dtype(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def kept_mask(shape, keep=None, bounds=None):
+    """The dense keep mask the kernel's keep4 and bounds4 stand for."""
+    kept = np.ones(shape, dtype=bool)
+    if keep is not None:
+        kept &= np.broadcast_to(keep, shape)
+    if bounds is not None:
+        b = np.broadcast_to(bounds, (*shape[:3], 2))
+        k = np.arange(shape[3])
+        kept &= (k >= b[..., :1]) & (k < b[..., 1:])
+    return kept
+
+
+def expected(x, scale=1.0, keep=None, bias=None, bounds=None):
+    """float64 reference for the kernel's arguments."""
+    kept = kept_mask(x.shape, keep, bounds)
+    b = None if bias is None else np.broadcast_to(bias, x.shape)
+    return masked_softmax_reference(x, keep=kept, bias=b, scale=scale)
+
+
+def assert_matches(out, ref, dtype):
+    out = np.asarray(out, dtype=np.float64)
+    assert np.array_equal(np.isnan(out), np.isnan(ref)), "NaN pattern differs"
+    assert np.all(out[ref == 0] == 0), "a masked (or empty-row) position is not exactly 0"
+    if dtype == np.float64:
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
+    elif dtype == np.float32:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    else:  # within one float16 rounding step of the exact value (f32 arithmetic inside)
+        with np.errstate(invalid="ignore"):
+            tol = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64)
+        ok = np.isnan(ref) | (np.abs(out - ref) <= tol)
+        assert ok.all(), f"max err {np.nanmax(np.abs(out - ref) / tol)} float16 ulps"
+
+
+def run(x, out=None, scale=1.0, keep=None, bias=None, bounds=None, nthreads=1):
+    """Call the kernel with 4-D arguments broadcast to x's shape (read-only views)."""
+    if out is None:
+        out = np.empty(x.shape, dtype=x.dtype)
+    shape = x.shape
+    keep4 = None if keep is None else np.broadcast_to(keep, shape)
+    bias4 = None if bias is None else np.broadcast_to(bias, shape)
+    bounds4 = None if bounds is None else np.broadcast_to(bounds, (*shape[:3], 2))
+    K.masked_softmax_4d(x, out, scale, keep4, bias4, bounds4, 0, nthreads)
+    return out
+
+
+def random_case(rng, shape, dtype, with_keep, with_bias, with_bounds):
+    B, H, Q, N = shape
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    keep = rng.random((B, 1, Q, N)) > 0.3 if with_keep else None
+    bias = None
+    if with_bias:
+        bias = (rng.standard_normal((B, H, 1, N)) * 2).astype(compute_dtype(dtype))
+    bounds = None
+    if with_bounds:
+        bounds = rng.integers(-2, N + 3, size=(B, H, Q, 2)).astype(np.int64)
+    return x, keep, bias, bounds
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    old = K._set_isa(request.param)
+    yield request.param
+    K._set_isa(old)
+
+
+# ------------------------------------------------------------------------ build info
+
+
+def test_build_info():
+    info = K.build_info()
+    assert isinstance(K.openmp_enabled(), bool)
+    assert info["openmp"] == K.openmp_enabled()
+    assert info["isa"] in info["isa_available"]
+    assert "generic" in ISAS
+
+
+# --------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["plain", "keep", "bias", "bounds", "all"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_row_lengths(dtype, variant, nthreads):
+    rng = np.random.default_rng(hash((np.dtype(dtype).str, variant, nthreads)) % 2**32)
+    for n in LENGTHS:
+        x, keep, bias, bounds = random_case(
+            rng,
+            (2, 3, 4, n),
+            dtype,
+            variant in ("keep", "all"),
+            variant in ("bias", "all"),
+            variant in ("bounds", "all"),
+        )
+        out = run(x, scale=0.7, keep=keep, bias=bias, bounds=bounds, nthreads=nthreads)
+        assert_matches(out, expected(x, 0.7, keep, bias, bounds), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa_variant(isa, dtype):
+    rng = np.random.default_rng(7)
+    for n in (1, 5, 16, 31, 32, 33, 47, 100, 515):
+        for flags in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 1)]:
+            x, keep, bias, bounds = random_case(rng, (2, 2, 3, n), dtype, *flags)
+            out = run(x, scale=-1.3, keep=keep, bias=bias, bounds=bounds, nthreads=2)
+            assert_matches(out, expected(x, -1.3, keep, bias, bounds), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows(dtype):
+    rng = np.random.default_rng(3)
+    n = 100_003
+    x, keep, bias, _ = random_case(rng, (1, 2, 2, n), dtype, True, True, False)
+    bounds = np.array([[[[5, n - 7], [0, n]], [[n // 2, n + 10], [-4, 3]]]], dtype=np.int64)
+    for nt in (1, 2):
+        out = run(x, keep=keep, bias=bias, bounds=bounds, nthreads=nt)
+        assert_matches(out, expected(x, 1.0, keep, bias, bounds), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threads_match_serial_bitwise(dtype):
+    rng = np.random.default_rng(11)
+    x, keep, bias, bounds = random_case(rng, (3, 4, 17, 77), dtype, True, True, True)
+    a = run(x, keep=keep, bias=bias, bounds=bounds, nthreads=1)
+    for nt in (2, 3, 64):
+        b = run(x, keep=keep, bias=bias, bounds=bounds, nthreads=nt)
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_not_modified(dtype):
+    rng = np.random.default_rng(5)
+    x, keep, bias, bounds = random_case(rng, (2, 2, 5, 40), dtype, True, True, True)
+    copies = [a.copy() for a in (x, keep, bias, bounds)]
+    run(x, keep=keep, bias=bias, bounds=bounds, nthreads=2)
+    for a, c in zip((x, keep, bias, bounds), copies, strict=True):
+        assert np.array_equal(a, c)
+
+
+# -------------------------------------------------------------------------- layouts
+
+
+def layouts(base):
+    """Views of `base` (B, H, Q, 2N) with shape (B, H, Q, N) and awkward strides."""
+    n = base.shape[3] // 2
+    return {
+        "contiguous": np.ascontiguousarray(base[..., :n]),
+        "inner stride 2": base[..., ::2],
+        "negative inner": base[..., n - 1 :: -1] if n > 0 else base[..., :0],
+        "negative outer": base[::-1, :, ::-1, :n],
+        "transposed": np.ascontiguousarray(base[..., :n].swapaxes(2, 3)).swapaxes(2, 3),
+        "fortran": np.asfortranarray(base[..., :n]),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_strided_inputs_and_outputs(dtype, nthreads):
+    rng = np.random.default_rng(13)
+    for n in (7, 40):
+        base = (rng.standard_normal((2, 3, 5, 2 * n)) * 2).astype(dtype)
+        keep_base = rng.random((2, 3, 5, 2 * n)) > 0.3
+        bias_base = rng.standard_normal((2, 3, 5, 2 * n)).astype(compute_dtype(dtype))
+        bounds = rng.integers(0, n + 1, size=(2, 3, 5, 2)).astype(np.int64)
+        for (name, x), (_, keep), (_, bias) in zip(
+            layouts(base).items(),
+            layouts(keep_base).items(),
+            layouts(bias_base).items(),
+            strict=True,
+        ):
+            ref = expected(x, 0.5, keep, bias, bounds)
+            for oname, out in layouts(np.zeros((2, 3, 5, 2 * n), dtype)).items():
+                run(x, out, scale=0.5, keep=keep, bias=bias, bounds=bounds, nthreads=nthreads)
+                try:
+                    assert_matches(out, ref, dtype)
+                except AssertionError as exc:
+                    raise AssertionError(f"x {name}, out {oname}: {exc}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast_zero_strides(dtype):
+    rng = np.random.default_rng(17)
+    shape = (2, 3, 4, 33)
+    x = np.broadcast_to((rng.standard_normal((2, 1, 4, 33)) * 2).astype(dtype), shape)
+    keep = np.broadcast_to(rng.random((1, 1, 1, 33)) > 0.4, shape)
+    keep_row = np.broadcast_to((rng.random((2, 3, 4, 1)) > 0.5), shape)  # 0 inner stride
+    bias = np.broadcast_to(rng.standard_normal((2, 1, 1, 1)).astype(compute_dtype(dtype)), shape)
+    bounds = np.broadcast_to(np.array([3, 30], dtype=np.int64), (2, 3, 4, 2))
+    for k in (keep, keep_row):
+        out = np.empty(shape, dtype)
+        K.masked_softmax_4d(x, out, 1.5, k, bias, bounds, 0, 2)
+        assert_matches(out, expected(x, 1.5, k, bias, bounds), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_in_place(dtype, nthreads):
+    rng = np.random.default_rng(19)
+    for n in (3, 32, 45, 300):
+        x, keep, bias, bounds = random_case(rng, (2, 2, 3, n), dtype, True, True, True)
+        ref = expected(x, 0.9, keep, bias, bounds)
+        run(x, x, scale=0.9, keep=keep, bias=bias, bounds=bounds, nthreads=nthreads)
+        assert_matches(x, ref, dtype)
+        # in place on a strided view
+        base = (rng.standard_normal((2, 2, 3, 2 * n)) * 2).astype(dtype)
+        view = base[..., ::2]
+        ref = expected(view, 0.9, keep, bias, bounds)
+        untouched = base[..., 1::2].copy()
+        run(view, view, scale=0.9, keep=keep, bias=bias, bounds=bounds, nthreads=nthreads)
+        assert_matches(view, ref, dtype)
+        assert np.array_equal(base[..., 1::2], untouched)
+
+
+def test_empty_shapes():
+    for shape in [(0, 2, 3, 4), (2, 0, 3, 4), (2, 3, 0, 4), (2, 3, 4, 0)]:
+        x = np.ones(shape, np.float32)
+        out = np.empty_like(x)
+        K.masked_softmax_4d(x, out, 1.0, None, None, None, 0, 2)
+
+
+# --------------------------------------------------------------- -inf / NaN semantics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_positions_are_exact_zeros(dtype):
+    rng = np.random.default_rng(23)
+    x = (rng.standard_normal((1, 2, 3, 70)) * 50).astype(dtype)  # tiny exp values too
+    keep = rng.random((1, 2, 3, 70)) > 0.5
+    bounds = np.array([10, 60], dtype=np.int64)
+    out = run(x, keep=keep, bounds=bounds)
+    kept = kept_mask(x.shape, keep, bounds)
+    assert np.all(out[~kept] == 0) and not np.signbit(out[~kept]).any()
+    np.testing.assert_allclose(out.astype(np.float64).sum(-1), 1.0, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 40])
+def test_fully_masked_and_all_minus_inf_rows_are_zero(dtype, n):
+    x = np.ones((1, 1, 5, n), dtype)
+    ct = compute_dtype(dtype)
+    keep = np.ones((1, 1, 5, n), bool)
+    keep[0, 0, 0] = False  # nothing kept
+    x[0, 0, 1] = -np.inf  # every logit -inf
+    bias = np.zeros((1, 1, 5, n), ct)
+    bias[0, 0, 2] = -np.inf  # every bias -inf
+    bounds = np.tile(np.array([0, n], np.int64), (1, 1, 5, 1))
+    bounds[0, 0, 3] = [4, 4]  # empty span
+    bounds[0, 0, 4] = [n + 5, -3]  # inverted span, out of range
+    for nt in (1, 2):
+        out = run(x, keep=keep, bias=bias, bounds=bounds, nthreads=nt)
+        assert np.all(out == 0) and not np.signbit(out).any()
+    ref = expected(x, 1.0, keep, bias, bounds)
+    assert np.all(ref == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [3, 31, 64, 97])
+def test_nan_rows(dtype, n):
+    rng = np.random.default_rng(29)
+    rows = 7
+    x = rng.standard_normal((1, 1, rows, n)).astype(dtype)
+    j = n // 2
+    x[0, 0, 0, j] = np.nan  # kept NaN: whole row NaN
+    x[0, 0, 1, j] = np.inf  # kept +inf: whole row NaN
+    x[0, 0, 2, :] = -np.inf
+    x[0, 0, 2, j] = np.nan  # max is -inf but a NaN is kept: NaN
+    x[0, 0, 3, 0] = np.nan  # NaN outside the bounds: ignored
+    x[0, 0, 4, j] = np.nan  # NaN dropped by keep: ignored
+    x[0, 0, 5, :] = -np.inf  # all -inf: zeros
+    x[0, 0, 6, j] = np.nan  # kept NaN, row bounded: all N positions NaN
+    keep = np.ones(x.shape, bool)
+    keep[0, 0, 4, j] = False
+    bounds = np.tile(np.array([0, n], np.int64), (1, 1, rows, 1))
+    bounds[0, 0, 3] = [1, n]
+    bounds[0, 0, 6] = [j, j + 1]
+    for nt in (1, 2):
+        out = run(x, keep=keep, bounds=bounds, nthreads=nt)
+        ref = expected(x, 1.0, keep, None, bounds)
+        assert_matches(out, ref, dtype)
+        for r in (0, 1, 2, 6):
+            assert np.isnan(out[0, 0, r]).all()
+        assert np.all(out[0, 0, 5] == 0)
+        assert not np.isnan(out[0, 0, (3, 4)]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_in_every_lane(isa, dtype):
+    """The vector max must drop a NaN in any lane; the sum must then spread it."""
+    n = 67
+    x = np.zeros((1, 1, n, n), dtype)
+    rows = np.arange(n)
+    x[0, 0, rows, rows] = np.nan
+    x[0, 0, rows, (rows + 1) % n] = 5.0
+    out = run(x, nthreads=2)
+    assert np.isnan(out).all()
+    keep = ~np.isnan(x)
+    out = run(x, keep=keep, nthreads=2)
+    assert_matches(out, expected(x, 1.0, keep), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_minus_inf_and_large_logits(dtype):
+    rng = np.random.default_rng(31)
+    ct = compute_dtype(dtype)
+    x = (rng.standard_normal((1, 2, 4, 50)) * (10 if dtype == np.float16 else 300)).astype(dtype)
+    bias = np.where(rng.random((1, 2, 4, 50)) > 0.6, -np.inf, 0).astype(ct)
+    out = run(x, bias=bias)
+    assert np.all(out[np.isneginf(np.broadcast_to(bias, x.shape))] == 0)
+    assert_matches(out, expected(x, 1.0, None, bias), dtype)
+
+
+# ------------------------------------------------------------------ exp, float16 bits
+
+
+def test_exp_accuracy(isa):
+    x = np.linspace(-87.3, 0.5, 400_001).astype(np.float32)
+    y = K._exp(x).astype(np.float64)
+    r = np.exp(x.astype(np.float64))
+    ulp = np.spacing(r.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(y - r) / ulp) < 1.5
+    xd = np.linspace(-708.0, 0.5, 400_001)
+    yd = K._exp(xd)
+    rd = np.exp(xd)
+    assert np.max(np.abs(yd - rd) / np.spacing(rd)) <= 2.0
+    for dt, lo in ((np.float32, -87.3), (np.float64, -708.0)):
+        special = np.array([-np.inf, -1e30, lo - 0.01, 2 * lo, np.nan, 0.0, -0.0], dt)
+        got = K._exp(special)
+        assert np.array_equal(got[:4], np.zeros(4, dt)) and not np.signbit(got[:4]).any()
+        assert np.isnan(got[4]) and got[5] == 1 and got[6] == 1
+        assert K._exp(np.array([lo + 0.001], dt))[0] > 0
+
+
+def test_half_to_float_all_65536(isa):
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = K._half_to_float(bits)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_float_to_half_rounding(isa):
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)]
+    f = finite.astype(np.float32)
+    # every half, the midpoints between neighbours (ties) and one float32 ulp around them
+    with np.errstate(over="ignore"):
+        up = np.nextafter(finite, np.float16(np.inf)).astype(np.float32)
+    mid = ((f.astype(np.float64) + up.astype(np.float64)) / 2).astype(np.float32)
+    cases = [f, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))]
+    rng = np.random.default_rng(37)
+    random_bits = rng.integers(0, 2**32, size=1_000_000, dtype=np.uint64).astype(np.uint32)
+    cases.append(random_bits.view(np.float32))
+    cases.append(
+        np.array(
+            [
+                65504,
+                65519.996,
+                65520,
+                65536,
+                1e10,
+                np.inf,
+                -np.inf,
+                np.nan,
+                2.0**-24,
+                2.0**-25,
+                2.0**-25 * 1.0000001,
+                2.0**-26,
+                1e-45,
+                -0.0,
+            ],
+            np.float32,
+        )
+    )
+    x = np.concatenate(cases)
+    got = K._float_to_half(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got.view(np.float16)), nan)
+    assert np.array_equal(got[~nan], want[~nan].view(np.uint16))
+
+
+def test_float16_kernel_rounds_like_numpy():
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((2, 2, 8, 100)).astype(np.float16)
+    out = run(x, nthreads=2)
+    f32 = masked_softmax_reference(x, dtype=None)  # float32 arithmetic, like the kernel
+    diff = np.abs(out.astype(np.float64) - f32.astype(np.float16).astype(np.float64))
+    assert np.all(diff <= np.spacing(np.abs(f32).astype(np.float16)).astype(np.float64))
+
+
+# ---------------------------------------------------------------------- fork safety
+
+
+def _run_script(code, timeout=60):
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(K.__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+FORK_SCRIPT = """
+import os, sys, time, signal
+import numpy as np
+from fastmask import _kernels as K
+{hooks}
+x = np.random.default_rng(0).standard_normal((2, 4, 64, 256), dtype=np.float32)
+out = np.empty_like(x)
+K.masked_softmax_4d(x, out, 1.0, None, None, None, 0, 2)
+ref = out.copy()
+pid = os.fork()
+if pid == 0:
+    o2 = np.empty_like(x)
+    for _ in range(5):
+        K.masked_softmax_4d(x, o2, 1.0, None, None, None, 0, 2)
+    os._exit(0 if np.array_equal(o2, ref) else 3)
+deadline = time.time() + 20
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    if time.time() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        sys.exit(99)
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_child_goes_serial():
+    hooks = "os.register_at_fork(after_in_child=K.after_fork_in_child)"
+    res = _run_script(FORK_SCRIPT.format(hooks=hooks))
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_child_keeps_openmp_after_pool_pause():
+    hooks = (
+        "os.register_at_fork(before=K.before_fork, after_in_parent=K.after_fork_in_parent,"
+        " after_in_child=K.after_fork_in_child)"
+    )
+    res = _run_script(FORK_SCRIPT.format(hooks=hooks))
+    assert res.returncode == 0, res.stderr
+
+
+def test_after_fork_in_child_makes_calls_serial():
+    code = """
+    import numpy as np
+    from fastmask import _kernels as K
+    x = np.random.default_rng(1).standard_normal((2, 2, 9, 33)).astype(np.float32)
+    a = np.empty_like(x); b = np.empty_like(x)
+    K.masked_softmax_4d(x, a, 1.0, None, None, None, 0, 2)
+    K.after_fork_in_child()
+    assert K.build_info()["serial_only"]
+    K.masked_softmax_4d(x, b, 1.0, None, None, None, 0, 2)
+    assert np.array_equal(a, b)
+    """
+    res = _run_script(code)
+    assert res.returncode == 0, res.stderr
+
+
+# ---------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments():
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    out = np.empty_like(x)
+    f = K.masked_softmax_4d
+
+    def raises(exc, *args, **kw):
+        with pytest.raises(exc):
+            f(*args, **kw)
+
+    raises(TypeError, x.tolist(), out, 1.0, None, None, None, 0, 1)
+    raises(TypeError, x, None, 1.0, None, None, None, 0, 1)
+    raises(TypeError, x.astype(np.int32), out, 1.0, None, None, None, 0, 1)
+    raises(TypeError, x.astype(">f4"), out, 1.0, None, None, None, 0, 1)
+    raises(TypeError, x, out.astype(np.float64), 1.0, None, None, None, 0, 1)
+    raises(ValueError, x[0], out[0], 1.0, None, None, None, 0, 1)
+    raises(ValueError, x, out[..., :4], 1.0, None, None, None, 0, 1)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    raises(ValueError, x, ro, 1.0, None, None, None, 0, 1)
+    raises(ValueError, x, np.broadcast_to(out[:, :1], x.shape), 1.0, None, None, None, 0, 1)
+    raises(ValueError, x, out, float("inf"), None, None, None, 0, 1)
+    raises(ValueError, x, out, float("nan"), None, None, None, 0, 1)
+    raises(ValueError, x, out, 1.0, None, None, None, 0, 0)
+    # keep
+    raises(TypeError, x, out, 1.0, np.ones(x.shape, np.uint8), None, None, 0, 1)
+    raises(TypeError, x, out, 1.0, [[True]], None, None, 0, 1)
+    raises(ValueError, x, out, 1.0, np.ones((2, 3, 4, 4), bool), None, None, 0, 1)
+    raises(ValueError, x, out, 1.0, np.ones((2, 3, 5), bool), None, None, 0, 1)
+    # bias: the compute dtype only
+    raises(TypeError, x, out, 1.0, None, np.zeros(x.shape, np.float64), None, 0, 1)
+    raises(
+        TypeError,
+        x.astype(np.float16),
+        out.astype(np.float16),
+        1.0,
+        None,
+        np.zeros(x.shape, np.float16),
+        None,
+        0,
+        1,
+    )
+    raises(ValueError, x, out, 1.0, None, np.zeros((2, 3, 1, 5), np.float32), None, 0, 1)
+    # bounds
+    raises(TypeError, x, out, 1.0, None, None, np.zeros((2, 3, 4, 2), np.int32), 0, 1)
+    raises(ValueError, x, out, 1.0, None, None, np.zeros((2, 3, 4, 3), np.int64), 0, 1)
+    # overlaps: out partially over x, out over an input
+    big = np.zeros((2, 3, 4, 6), np.float32)
+    raises(ValueError, big[..., :5], big[..., 1:], 1.0, None, None, None, 0, 1)
+    bias = np.zeros(x.shape, np.float32)
+    raises(ValueError, x, bias, 1.0, None, bias, None, 0, 1)
+    # misaligned data
+    raw = np.zeros(2 * 3 * 4 * 5 * 4 + 1, np.uint8)[1:]
+    mis = raw.view(np.float32).reshape(x.shape) if raw.ctypes.data % 4 else None
+    if mis is not None:
+        raises(ValueError, mis, out, 1.0, None, None, None, 0, 1)
+    # and the arrays are untouched after all that
+    assert not x.any()
+
+
+def test_accepts_longlong_bounds_and_readonly_inputs():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5) / 10
+    x.flags.writeable = False
+    bounds = np.broadcast_to(np.array([1, 4], dtype=np.longlong), (2, 3, 4, 2))
+    out = np.empty(x.shape, np.float32)
+    K.masked_softmax_4d(x, out, 1.0, None, None, bounds, 5, 2)
+    assert_matches(out, expected(x, 1.0, None, None, bounds), np.float32)
