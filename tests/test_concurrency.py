@@ -126,3 +126,14 @@ def test_os_fork_child_computes_correctly():
     message = os.read(read, 100)
     os.close(read)
     assert os.waitstatus_to_exitcode(status) == 0 and message == b"ok"
+
+
+def test_numba_threading_layer_is_fork_safe():
+    pytest.importorskip("numba")
+    import numba
+
+    from fastmask.kernels import numba_softmax
+
+    x = np.zeros((4, 64, 1024), np.float32)
+    numba_softmax.masked_softmax_4d(x[None], np.empty_like(x)[None], 1.0, None, None, None, 0, 2)
+    assert numba.threading_layer() == "workqueue"

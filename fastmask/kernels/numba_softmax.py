@@ -1,0 +1,882 @@
+"""Numba kernel of fastmask's masked softmax (the ``numba`` backend's engine).
+
+Public functions
+----------------
+- :func:`masked_softmax_4d` runs the kernel on 4-D ``(B, H, Q, N)`` views.
+- :func:`compile` compiles (or loads from Numba's on-disk cache) both the
+  serial and the parallel kernel of a dtype; :func:`is_compiled` says whether
+  that has happened in this process.
+
+Importing this module imports neither Numba nor anything that compiles. The
+first call for a dtype (or :func:`compile`) imports Numba, installs the
+helpers of :mod:`fastmask.kernels.numba_exp` and compiles, with explicit
+signatures and ``cache=True``, that dtype's serial kernel and the one that
+runs ``min(nthreads, rows)`` contiguous chunks of rows in a ``prange``.
+
+Layout
+------
+Every operand reaches the jitted code as a flat, C-contiguous 1-D buffer that
+starts at its lowest-addressed element, plus an element offset and four
+element strides (0 on broadcast axes, negative on reversed ones), all packed
+with the shape and flags into one int64 array. float16 travels as ``uint16``
+(each row's kept logits are converted to float32 once, into a per-thread
+buffer); ``keep`` as ``uint8``. Below the row loop the code works on typed
+pointers (no wraparound checks, no reference counting per row). Operands
+whose last stride is not 1 are gathered into per-thread buffers, one row at a
+time, so the passes always run unit-stride loops, which LLVM vectorises.
+
+Per row ``(b, h, q)`` with kept range ``[lo, hi)`` (``bounds`` clipped):
+
+1. ``m = maximum(z_k)`` over ``lo <= k < hi``, masked ``z_k`` replaced by
+   ``-inf`` (``llvm.maximum``: a NaN anywhere gives ``m = NaN``). ``m`` NaN or
+   ``+inf``: the row is NaN; ``m == -inf``: the row is zeros.
+2. ``e_k = exp(z_k - m)`` (0 where masked) into ``out``, or into a per-thread
+   buffer in the compute dtype (float16, non-unit output strides, streaming
+   stores); summed in blocks of :data:`_BLOCK` in the compute dtype, the
+   blocks added in float64.
+3. ``out_k = e_k * (1 / s)``; positions outside ``[lo, hi)`` are written 0
+   and never read (``x``, ``keep`` and ``bias`` alike).
+
+Memory: outputs of at least :data:`STREAM_MIN_BYTES` are written with
+non-temporal 64-byte line stores (no read-for-ownership of the output), and
+when rows have gaps (padding bounds) the next row's kept range of ``x``
+(and of ``keep``/``bias`` when they vary per row) is prefetched, since the
+hardware prefetchers lose such streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import numpy as np
+
+from fastmask.kernels import numba_exp as _ne
+
+__all__ = ["LOOP_FASTMATH", "STREAM_MIN_BYTES", "compile", "is_compiled", "masked_softmax_4d"]
+
+#: Fast-math flags of the row loops and kernels. ``reassoc`` lets the sum
+#: vectorise; no ``nnan``/``ninf`` (``-inf`` and NaN carry the semantics).
+#: The exp itself is compiled separately with ``numba_exp.EXP_FASTMATH``
+#: (no ``reassoc``) and inlined by LLVM, keeping its own flags.
+LOOP_FASTMATH: frozenset[str] = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+#: Elements per partial sum in pass 2 (summed in the compute dtype, then
+#: accumulated in float64).
+_BLOCK = 4096
+
+# int64 parameter vector layout
+_P_B, _P_H, _P_Q, _P_N = 0, 1, 2, 3
+_P_X, _P_OUT, _P_KEEP, _P_BIAS, _P_BOUNDS = 4, 9, 14, 19, 24  # offset, then 4 strides
+_P_FLAGS, _P_H0, _P_NCHUNKS = 29, 30, 31  # 32 entries in all
+_F_KEEP, _F_BIAS, _F_BOUNDS, _F_INPLACE, _F_STREAM = 1, 2, 4, 8, 16
+
+#: Outputs at least this large are written with non-temporal stores (whole
+#: 64-byte lines that bypass the cache, so they are not read first); smaller
+#: ones stay in the cache for whatever reads them next.
+STREAM_MIN_BYTES = 16 << 20
+
+_COMPUTE = {
+    np.dtype(np.float16): np.dtype(np.float32),
+    np.dtype(np.float32): np.dtype(np.float32),
+    np.dtype(np.float64): np.dtype(np.float64),
+}
+
+
+# ==========================================================================
+# Jitted code. Written as plain Python; _install() rebinds the names listed
+# in _JIT_LOOP to Numba dispatchers (fastmath=LOOP_FASTMATH) and registers
+# the generic helpers (_load_c, ...) as Numba overloads. Inside jitted code
+# the globals are resolved at compile time, so they see the dispatchers.
+# ==========================================================================
+
+
+def _load_c(p, i):
+    """``p[i]`` in the compute dtype (float16 bits -> float32)."""
+    return p[i]
+
+
+def _store_c(p, i, v):
+    """``p[i] = v`` from the compute dtype (float32 -> float16 bits, RNE)."""
+    p[i] = v
+
+
+def _exp_c(z):
+    """``exp`` of the compute dtype (``numba_exp.exp_f32`` / ``exp_f64``)."""
+    return np.exp(z)
+
+
+def _cval(p, v):
+    """``v`` in the compute dtype belonging to pointer/array ``p``'s dtype."""
+    return v
+
+
+def _is_half(a):
+    """True (a compile-time constant) when ``a`` holds float16 bits."""
+    return False
+
+
+def _can_stream(out):
+    """True (a compile-time constant) when ``out``'s dtype has streaming stores."""
+    return False
+
+
+def _stage_x(x, xb, xs3, n, xbuf):
+    """Pointer to the row's ``n`` logits x[xb + j*xs3], unit stride.
+
+    Into ``x`` itself when that is unit-stride; otherwise gathered into
+    ``xbuf``. float16 rows are always converted into ``xbuf`` (float32) once,
+    so that the passes run the float32 loops (and their vector epilogues).
+    """
+    return None
+
+
+def _dest(xp, ep):
+    """``ep``, or ``xp`` itself when ``ep`` is None (in place)."""
+    return xp if ep is None else ep
+
+
+def _skip(p, j):
+    """Pointer ``p + j``; None stays None."""
+    return None if p is None else p[j:]
+
+
+def _fill(op, os, j0, j1, v):
+    """op[j*os] = v for j0 <= j < j1."""
+    if os == 1:
+        for j in range(j0, j1):
+            _store_c(op, j, v)
+    else:
+        for j in range(j0, j1):
+            _store_c(op, j * os, v)
+
+
+def _pass1(xp, kp, bp, n, sc, hk, hb):
+    """Max over kept z (NaN-propagating; -inf when nothing is kept)."""
+    m = _cval(bp, -np.inf)
+    ninf = _ne.opaque(m)  # a constant here would keep the loop scalar
+    if hk:
+        if hb:
+            for j in range(n):
+                z = _load_c(xp, j) * sc + bp[j]
+                m = _ne.fmaximum(m, z if kp[j] != 0 else ninf)
+        else:
+            for j in range(n):
+                z = _load_c(xp, j) * sc
+                m = _ne.fmaximum(m, z if kp[j] != 0 else ninf)
+    elif hb:
+        for j in range(n):
+            m = _ne.fmaximum(m, _load_c(xp, j) * sc + bp[j])
+    else:
+        for j in range(n):
+            m = _ne.fmaximum(m, _load_c(xp, j) * sc)
+    return m
+
+
+def _pass2(xp, kp, bp, ep, n, sc, m, hk, hb):
+    """ep[j] = exp(z_j - m) (0 where masked); returns the sum (compute dtype).
+
+    ``ep`` None: write into ``xp`` (in place). The loops then see one pointer
+    for reads and writes, and LLVM vectorises them without a runtime overlap
+    check (which, for the same memory, would send them to the scalar loop).
+    """
+    ep = _dest(xp, ep)
+    zero = _cval(bp, 0.0)
+    s = zero
+    if hk:
+        if hb:
+            for j in range(n):
+                e = _exp_c(_load_c(xp, j) * sc + bp[j] - m)
+                e = e if kp[j] != 0 else zero
+                _store_c(ep, j, e)
+                s += e
+        else:
+            for j in range(n):
+                e = _exp_c(_load_c(xp, j) * sc - m)
+                e = e if kp[j] != 0 else zero
+                _store_c(ep, j, e)
+                s += e
+    elif hb:
+        for j in range(n):
+            e = _exp_c(_load_c(xp, j) * sc + bp[j] - m)
+            _store_c(ep, j, e)
+            s += e
+    else:
+        for j in range(n):
+            e = _exp_c(_load_c(xp, j) * sc - m)
+            _store_c(ep, j, e)
+            s += e
+    return s
+
+
+def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
+    """Passes 1 and 2 of one row's kept range (``ep`` None: in place in ``xp``).
+
+    Returns ``(code, inv)``: code 0 = ``ep`` holds the unnormalised weights and
+    ``inv`` is 1/sum; 1 = the row is all zeros; 2 = the row is all NaN.
+    """
+    m = _pass1(xp, kp, bp, n, sc, hk, hb)
+    one = _cval(bp, 1.0)
+    if m != m or m == np.inf:
+        return 2, one
+    if m == -np.inf:
+        return 1, one
+    s = 0.0
+    for j0 in range(0, n, _BLOCK):
+        s += _pass2(
+            _ne.address(xp, j0),
+            _ne.address(kp, j0),
+            _ne.address(bp, j0),
+            _skip(ep, j0),
+            min(n - j0, _BLOCK),
+            sc,
+            m,
+            hk,
+            hb,
+        )
+    return 0, _cval(bp, 1.0 / s)
+
+
+def _scale_inplace(ep, n, inv):
+    """Pass 3 in place: ep[j] *= inv."""
+    for j in range(n):
+        _store_c(ep, j, _load_c(ep, j) * inv)
+
+
+def _scale_store(eb, op, os, n, inv):
+    """Pass 3 from a buffer: op[j*os] = eb[j] * inv (converted)."""
+    if os == 1:
+        for j in range(n):
+            _store_c(op, j, eb[j] * inv)
+    else:
+        for j in range(n):
+            _store_c(op, j * os, eb[j] * inv)
+
+
+def _stream_row(op, N, lo, hi, eb, inv, lanes):
+    """Write a whole unit-stride output row: eb[k - lo] * inv on [lo, hi), 0 elsewhere.
+
+    Full 64-byte lines (``lanes`` elements) go out as non-temporal stores;
+    the partial lines at the row's ends and the (at most two) lines that
+    straddle ``lo`` or ``hi`` use ordinary stores.
+    """
+    zero = _cval(eb, 0.0)
+    head = min(N, ((64 - _ne.misalign(op)) & 63) * lanes // 64)
+    for j in range(head):
+        _store_c(op, j, eb[j - lo] * inv if lo <= j < hi else zero)
+    j = head
+    while j + lanes <= N:
+        if j + lanes <= lo or j >= hi:
+            _ne.stream_zero_line(op, j)
+        elif lo <= j and j + lanes <= hi:
+            _ne.stream_line(op, j, eb, j - lo, inv)
+        else:
+            for i in range(j, j + lanes):
+                _store_c(op, i, eb[i - lo] * inv if lo <= i < hi else zero)
+        j += lanes
+    for i in range(j, N):
+        _store_c(op, i, eb[i - lo] * inv if lo <= i < hi else zero)
+
+
+def _gather(sp, step, dp, n):
+    """dp[j] = sp[j*step] for j < n."""
+    for j in range(n):
+        dp[j] = sp[j * step]
+
+
+def _prefetch_read(pp, lo, hi, step):
+    """Prefetch pp[lo:hi] (unit stride, ``step`` elements per cache line)."""
+    for j in range(lo, hi, step):
+        _ne.prefetch(pp, j, False)
+
+
+def _offset(p, at, b, h, q):
+    """Element offset of operand ``at``'s row (b, h, q) in its flat buffer."""
+    return p[at] + b * p[at + 1] + h * p[at + 2] + q * p[at + 3]
+
+
+def _row_range(p, bounds, hd, b, h, q):
+    """Clipped kept range [lo, hi) of row (b, h, q) (lo >= hi: empty)."""
+    N = p[_P_N]
+    if not hd:
+        return 0, N
+    db = _offset(p, _P_BOUNDS, b, h, q)
+    return max(bounds[db], 0), min(bounds[db + p[_P_BOUNDS + 4]], N)
+
+
+def _rows(x, out, keep, bias, bounds, p, scale, r0, r1):
+    """Process rows r0 <= r < r1 (one chunk; scratch buffers are its own).
+
+    Below the row loop everything works on typed pointers: no wraparound
+    checks, no reference counting per row.
+    """
+    H = p[_P_H]
+    Q = p[_P_Q]
+    N = p[_P_N]
+    flags = p[_P_FLAGS]
+    hk = (flags & _F_KEEP) != 0
+    hb = (flags & _F_BIAS) != 0
+    hd = (flags & _F_BOUNDS) != 0
+    inplace = (flags & _F_INPLACE) != 0
+    xs3 = p[_P_X + 4]
+    os3 = p[_P_OUT + 4]
+    ks3 = p[_P_KEEP + 4]
+    bs3 = p[_P_BIAS + 4]
+    x_unit = xs3 == 1
+    k_unit = ks3 == 1
+    b_unit = bs3 == 1
+    # keep/bias rows that change from one row to the next are streamed too
+    k_stream = hk and k_unit and p[_P_KEEP + 3] != 0
+    b_stream = hb and b_unit and p[_P_BIAS + 3] != 0
+    stream = (flags & _F_STREAM) != 0 and os3 == 1 and _can_stream(out)
+    lanes = 64 // out.itemsize
+    use_buf = os3 != 1 or _is_half(out) or stream
+    sc = bias.dtype.type(scale)
+    zero = bias.dtype.type(0.0)
+    nan = bias.dtype.type(np.nan)
+    xline = max(1, 64 // x.itemsize)
+    kline = 64
+    bline = max(1, 64 // bias.itemsize)
+
+    xbuf = np.empty(N if (_is_half(x) or not x_unit) else 0, bias.dtype)
+    kbuf = np.empty(0 if (k_unit or not hk) else N, np.uint8)
+    bbuf = np.empty(0 if (b_unit or not hb) else N, bias.dtype)
+    ebuf = np.empty(N if use_buf else 0, bias.dtype)
+
+    # (b1, h1, q1) and [lo1, hi1): the next row; the loop walks the indices
+    # instead of dividing (divisions cost more than a short row's softmax)
+    q1 = r0 % Q
+    h1 = (r0 // Q) % H
+    b1 = r0 // (Q * H)
+    lo1, hi1 = _row_range(p, bounds, hd, b1, h1, q1)
+    for r in range(r0, r1):
+        b = b1
+        h = h1
+        q = q1
+        lo = lo1
+        hi = hi1
+        q1 += 1
+        if q1 == Q:
+            q1 = 0
+            h1 += 1
+            if h1 == H:
+                h1 = 0
+                b1 += 1
+        if r + 1 < r1:
+            lo1, hi1 = _row_range(p, bounds, hd, b1, h1, q1)
+            # Rows with gaps (padding) defeat the hardware prefetchers: ask
+            # for the next row's kept range of each streamed operand early.
+            # (Full rows stream well without; the hints would only cost.)
+            if lo1 < hi1 and hi1 - lo1 < N:
+                if x_unit:
+                    _prefetch_read(_ne.address(x, _offset(p, _P_X, b1, h1, q1)), lo1, hi1, xline)
+                if k_stream:
+                    _prefetch_read(
+                        _ne.address(keep, _offset(p, _P_KEEP, b1, h1, q1)), lo1, hi1, kline
+                    )
+                if b_stream:
+                    _prefetch_read(
+                        _ne.address(bias, _offset(p, _P_BIAS, b1, h1, q1)), lo1, hi1, bline
+                    )
+        ob = _offset(p, _P_OUT, b, h, q)
+        op = _ne.address(out, ob)
+        if lo >= hi:
+            if stream:
+                _stream_row(op, N, 0, 0, _ne.address(ebuf, 0), zero, lanes)
+            else:
+                _fill(op, os3, 0, N, zero)
+            continue
+        n = hi - lo
+
+        xp = _stage_x(x, _offset(p, _P_X, b, h, q) + lo * xs3, xs3, n, xbuf)
+        if hk:
+            kb = _offset(p, _P_KEEP, b, h, q) + lo * ks3
+            if k_unit:
+                kp = _ne.address(keep, kb)
+            else:
+                kp = _ne.address(kbuf, 0)
+                _gather(_ne.address(keep, kb), ks3, kp, n)
+        else:
+            kp = _ne.address(keep, 0)
+        if hb:
+            bb = _offset(p, _P_BIAS, b, h, q) + lo * bs3
+            if b_unit:
+                bp = _ne.address(bias, bb)
+            else:
+                bp = _ne.address(bbuf, 0)
+                _gather(_ne.address(bias, bb), bs3, bp, n)
+        else:
+            bp = _ne.address(bias, 0)
+
+        if stream:
+            ep = _ne.address(ebuf, 0)
+            code, inv = _row_core(xp, kp, bp, ep, n, sc, hk, hb)
+            if code == 0:
+                _stream_row(op, N, lo, hi, ep, inv, lanes)
+            elif code == 1:
+                _stream_row(op, N, 0, 0, ep, zero, lanes)
+            else:
+                _fill(op, 1, 0, N, nan)
+            continue
+        if use_buf:
+            ep = _ne.address(ebuf, 0)
+            code, inv = _row_core(xp, kp, bp, ep, n, sc, hk, hb)
+            if code == 0:
+                _scale_store(ep, _ne.address(op, lo * os3), os3, n, inv)
+        else:
+            oq = _ne.address(op, lo)
+            if inplace:
+                # the same memory as xp: one pointer, not two to check
+                code, inv = _row_core(oq, kp, bp, None, n, sc, hk, hb)
+            else:
+                code, inv = _row_core(xp, kp, bp, oq, n, sc, hk, hb)
+            if code == 0:
+                _scale_inplace(oq, n, inv)
+
+        if code == 0:
+            _fill(op, os3, 0, lo, zero)
+            _fill(op, os3, hi, N, zero)
+        else:
+            _fill(op, os3, 0, N, zero if code == 1 else nan)
+    if stream:
+        _ne.store_fence()  # before this chunk counts as done
+
+
+def _kernel_functions(helpers_stamp: str):
+    """The two kernel entry points, as closures over ``helpers_stamp``.
+
+    Numba keys a function's disk cache on its own file only, but the kernels
+    inline code from ``numba_exp.py``; a closure variable's value is part of
+    the cache key, so a hash of that file's source keeps a stale kernel from
+    being loaded after the helpers change.
+    """
+
+    def kernel_serial(x, out, keep, bias, bounds, p, scale):
+        """All rows in one chunk, no parallel launch."""
+        helpers_stamp  # noqa: B018 - keys the disk cache (see above)
+        rows = p[_P_B] * p[_P_H] * p[_P_Q]
+        _rows(x, out, keep, bias, bounds, p, scale, 0, rows)
+
+    def kernel_parallel(x, out, keep, bias, bounds, p, scale):
+        """min(nthreads, rows) contiguous chunks of rows, one prange iteration each."""
+        helpers_stamp  # noqa: B018
+        rows = p[_P_B] * p[_P_H] * p[_P_Q]
+        nchunks = min(p[_P_NCHUNKS], rows)
+        for c in _prange(nchunks):
+            r0 = c * rows // nchunks
+            r1 = (c + 1) * rows // nchunks
+            _rows(x, out, keep, bias, bounds, p, scale, r0, r1)
+
+    return kernel_serial, kernel_parallel
+
+
+_prange = range  # rebound to numba.prange by _install()
+
+_JIT_LOOP = (
+    "_prefetch_read",
+    "_offset",
+    "_row_range",
+    "_fill",
+    "_pass1",
+    "_pass2",
+    "_row_core",
+    "_scale_inplace",
+    "_scale_store",
+    "_gather",
+    "_stream_row",
+    "_rows",
+)
+
+
+# ==========================================================================
+# lazy compilation
+# ==========================================================================
+
+_lock = threading.RLock()
+_installed = False
+_kernels: dict[tuple[str, bool], object] = {}
+_entry_points = None  # (serial, parallel) Python functions, made on first build
+
+
+def _install() -> None:
+    """Import Numba, install helpers and overloads (once per process)."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        import numba
+        from numba.core import types
+        from numba.extending import overload
+
+        # The default "omp" layer (GNU OpenMP) aborts forked children; "workqueue" is
+        # fork-safe, and the backend serialises launches so that it is thread-safe.
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            numba.config.THREADING_LAYER = "workqueue"
+        _ne.install()
+        flags = set(LOOP_FASTMATH)
+        jit_options = {"fastmath": flags}
+
+        def is_half_type(a):
+            return isinstance(a, (types.Array, types.CPointer)) and a.dtype == types.uint16
+
+        def compute_type(a):
+            return types.float64 if a.dtype == types.float64 else types.float32
+
+        @overload(_load_c, jit_options=jit_options)
+        def _ov_load_c(p, i):
+            if is_half_type(p):
+                return lambda p, i: _ne.half_to_f32(p[i])
+            return lambda p, i: p[i]
+
+        @overload(_store_c, jit_options=jit_options)
+        def _ov_store_c(p, i, v):
+            if is_half_type(p):
+
+                def impl(p, i, v):
+                    p[i] = _ne.f32_to_half(np.float32(v))
+
+                return impl
+
+            def impl(p, i, v):
+                p[i] = v
+
+            return impl
+
+        @overload(_exp_c, jit_options=jit_options)
+        def _ov_exp_c(z):
+            if z == types.float32:
+                return lambda z: _ne.exp_f32(z)
+            if z == types.float64:
+                return lambda z: _ne.exp_f64(z)
+            return None
+
+        @overload(_cval, jit_options=jit_options)
+        def _ov_cval(p, v):
+            if compute_type(p) == types.float64:
+                return lambda p, v: np.float64(v)
+            return lambda p, v: np.float32(v)
+
+        @overload(_is_half, jit_options=jit_options)
+        def _ov_is_half(a):
+            if is_half_type(a):
+                return lambda a: True
+            return lambda a: False
+
+        @overload(_can_stream, jit_options=jit_options)
+        def _ov_can_stream(a):
+            ok = a.dtype in (types.float32, types.float64) or (
+                a.dtype == types.uint16 and _ne.HALF_HARDWARE
+            )
+            return (lambda a: True) if ok else (lambda a: False)
+
+        @overload(_stage_x, jit_options=jit_options)
+        def _ov_stage_x(x, xb, xs3, n, xbuf):
+            if is_half_type(x):
+
+                def impl(x, xb, xs3, n, xbuf):
+                    sp = _ne.address(x, xb)
+                    dp = _ne.address(xbuf, 0)
+                    if xs3 == 1:
+                        for j in range(n):
+                            dp[j] = _ne.half_to_f32(sp[j])
+                    else:
+                        for j in range(n):
+                            dp[j] = _ne.half_to_f32(sp[j * xs3])
+                    return dp
+
+                return impl
+
+            def impl(x, xb, xs3, n, xbuf):
+                if xs3 == 1:
+                    return _ne.address(x, xb)
+                dp = _ne.address(xbuf, 0)
+                _gather(_ne.address(x, xb), xs3, dp, n)
+                return dp
+
+            return impl
+
+        @overload(_dest, jit_options=jit_options)
+        def _ov_dest(xp, ep):
+            if isinstance(ep, types.NoneType):
+                return lambda xp, ep: xp
+            return lambda xp, ep: ep
+
+        @overload(_skip, jit_options=jit_options)
+        def _ov_skip(p, j):
+            if isinstance(p, types.NoneType):
+                return lambda p, j: None
+            return lambda p, j: _ne.address(p, j)
+
+        g = globals()
+        for name in _JIT_LOOP:
+            g[name] = numba.njit(fastmath=flags)(g[name])
+        g["_prange"] = numba.prange
+        _installed = True
+
+
+def _signature(dtype: np.dtype):
+    from numba.core import types
+
+    st = types.float32 if dtype == np.float32 else types.float64
+    ct = types.float64 if dtype == np.float64 else types.float32
+    if dtype == np.float16:
+        st = types.uint16
+
+    def ro(t):
+        return types.Array(t, 1, "C", readonly=True)
+
+    return types.void(
+        ro(st),  # x       IN
+        types.Array(st, 1, "C"),  # out OUT
+        ro(types.uint8),  # keep    IN (bool bytes)
+        ro(ct),  # bias    IN
+        ro(types.int64),  # bounds  IN
+        ro(types.int64),  # params  IN
+        types.float64,  # scale   IN
+    )
+
+
+def _get_kernel(dtype: np.dtype, parallel: bool):
+    """The kernel for ``dtype``; the first use of a dtype loads both variants."""
+    k = _kernels.get((dtype.char, parallel))
+    if k is None:
+        compile(dtype)
+        k = _kernels[(dtype.char, parallel)]
+    return k
+
+
+def _build(dtype: np.dtype, parallel: bool) -> None:
+    key = (dtype.char, parallel)
+    if key in _kernels:
+        return
+    _install()
+    import numba
+
+    global _entry_points
+    if _entry_points is None:
+        try:
+            with open(_ne.__file__, "rb") as f:
+                stamp = hashlib.sha256(f.read()).hexdigest()
+        except OSError:  # no source next to the module: nothing to track
+            stamp = ""
+        _entry_points = _kernel_functions(stamp)
+    fn = _entry_points[1] if parallel else _entry_points[0]
+    _kernels[key] = numba.njit(
+        _signature(dtype),
+        parallel=parallel,
+        fastmath=set(LOOP_FASTMATH),
+        cache=True,
+    )(fn)
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in _COMPUTE or not dt.isnative:
+        raise TypeError(
+            "fastmask numba kernel: dtype must be float16, float32 or float64 in native "
+            f"byte order, not {dt}"
+        )
+    return dt
+
+
+def compile(dtype) -> None:
+    """Compile (or load from Numba's disk cache) both kernels for ``dtype``.
+
+    The serial and the parallel kernel; :func:`masked_softmax_4d` does this
+    on the first call for a dtype. Safe to call from several threads.
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        float16, float32 or float64 (the dtype of ``x``).
+
+    Raises
+    ------
+    TypeError
+        For any other dtype, or a non-native byte order.
+    """
+    dt = _check_dtype(dtype)
+    with _lock:
+        _build(dt, False)
+        _build(dt, True)
+
+
+def is_compiled(dtype) -> bool:
+    """True once both kernels (serial and parallel) for ``dtype`` are loaded here."""
+    dt = _check_dtype(dtype)
+    return (dt.char, False) in _kernels and (dt.char, True) in _kernels
+
+
+# ==========================================================================
+# the Python side: flat buffers, offsets, strides
+# ==========================================================================
+
+
+def _readonly_zeros(dtype) -> np.ndarray:
+    a = np.zeros(1, dtype=dtype)
+    a.flags.writeable = False
+    return a
+
+
+# per x dtype char: (storage view dtype or None, compute dtype, dummies for
+# keep / bias / bounds when absent)
+_DTYPE_INFO = {
+    dt.char: (
+        np.dtype(np.uint16) if dt == np.float16 else None,
+        _COMPUTE[dt],
+        _readonly_zeros(np.uint8),
+        _readonly_zeros(_COMPUTE[dt]),
+        _readonly_zeros(np.int64),
+    )
+    for dt in _COMPUTE
+}
+
+
+def _flat(a: np.ndarray, view_dtype=None) -> tuple[np.ndarray, tuple]:
+    """A 1-D C-contiguous view starting at 4-D ``a``'s lowest-addressed element.
+
+    Returns it and ``(offset, s0, s1, ...)``: the element offset of
+    ``a[0, 0, ...]`` in it and ``a``'s element strides (0 on axes of length 1
+    or stride 0, negative on reversed axes). ``a`` must be non-empty and its
+    strides multiples of its itemsize.
+    """
+    isz = a.itemsize
+    if a.flags.c_contiguous:
+        f = a.reshape(-1)
+        s0, s1, s2, s3 = a.strides
+        geo = (0, s0 // isz, s1 // isz, s2 // isz, s3 // isz)
+    else:
+        sh = a.shape
+        idx = []
+        off = 0
+        span = 1
+        es = []
+        for n, s in zip(sh, a.strides, strict=True):
+            if n == 1 or s == 0:
+                idx.append(0)
+                es.append(0)
+            else:
+                e = s // isz
+                es.append(e)
+                if e < 0:
+                    idx.append(slice(None, None, -1))
+                    off -= (n - 1) * e
+                    span -= (n - 1) * e
+                else:
+                    idx.append(slice(None))
+                    span += (n - 1) * e
+        idx.append(Ellipsis)  # an array even when every axis is indexed away
+        r = a[tuple(idx)]  # positive strides, starts at the lowest address
+        if r.flags.c_contiguous:
+            f = r.reshape(-1)
+        else:
+            f = np.lib.stride_tricks.as_strided(r, shape=(span,), strides=(isz,))
+        geo = (off, *es)
+    if view_dtype is not None:
+        f = f.view(view_dtype)
+    return f, geo
+
+
+def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> None:
+    """Masked softmax over the last axis of a 4-D ``(B, H, Q, N)`` array.
+
+    Parameters
+    ----------
+    x4 : ndarray, shape (B, H, Q, N)
+        Logits; float16, float32 or float64 in native byte order. Any strides
+        (multiples of the itemsize; negative, or 0 on broadcast axes); may be
+        read-only.
+    out4 : ndarray, shape (B, H, Q, N)
+        Result, same dtype, writable; either exactly ``x4``'s memory (same
+        data pointer and strides: in place) or not overlapping it.
+    scale : float
+        Finite; logits are multiplied by it first.
+    keep4 : ndarray of bool, shape (B, H, Q, N), or None
+        True = keep. Any strides (a broadcast view is fine).
+    bias4 : ndarray, shape (B, H, Q, N), or None
+        In the compute dtype (float32 for float16/float32 ``x4``, float64 for
+        float64); added after scaling; may hold ``-inf``. Any strides.
+    bounds4 : int64 ndarray, shape (B, H, Q, 2), or None
+        Per row ``lo, hi``: only keys ``lo <= k < hi`` (clipped to
+        ``[0, N)``) can be kept; the others are never read and are written 0.
+        Any strides.
+    h0 : int
+        Global index of head 0 (reserved for per-head strategies).
+    nthreads : int
+        1 runs the serial kernel; otherwise ``min(nthreads, rows)`` chunks of
+        rows run in a ``prange`` (the caller configures Numba's threads).
+
+    Notes
+    -----
+    Per row: ``z = x*scale + bias`` on kept keys; ``m`` = max over kept ``z``
+    ignoring NaN. No kept key, or ``m == -inf`` with no NaN: the row is
+    zeros. A kept NaN or ``+inf``: the whole row is NaN. Otherwise
+    ``exp(z - m) / sum``, exactly 0 on masked keys. float16 is computed in
+    float32 and rounded to nearest even.
+
+    Compiles the kernels for ``x4``'s dtype on first use (see :func:`compile`).
+    """
+    B, H, Q, N = x4.shape
+    rows = B * H * Q
+    if rows == 0 or N == 0:
+        return
+    info = _DTYPE_INFO.get(x4.dtype.char)
+    if info is None or not x4.dtype.isnative:
+        _check_dtype(x4.dtype)
+    view, ctype, kd, bd, dd = info
+    if not (
+        x4.flags.aligned
+        and out4.flags.aligned
+        and (bias4 is None or bias4.flags.aligned)
+        and (bounds4 is None or bounds4.flags.aligned)
+    ):
+        _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads)
+        return
+    xf, xg = _flat(x4, view)
+    of, og = _flat(out4, view)
+    flags = _F_INPLACE if (out4 is x4 or np.may_share_memory(x4, out4)) else 0
+    if keep4 is None:
+        kf, kg = kd, _NO_GEO
+    else:
+        kf, kg = _flat(keep4, np.uint8)
+        flags |= _F_KEEP
+    if bias4 is None:
+        bf, bg = bd, _NO_GEO
+    else:
+        if bias4.dtype != ctype:
+            raise TypeError(f"bias4 must be {ctype} for {x4.dtype} x4, not {bias4.dtype}")
+        bf, bg = _flat(bias4)
+        flags |= _F_BIAS
+    if bounds4 is None:
+        df, dg = dd, _NO_GEO
+    else:
+        df, dg = _flat(bounds4)
+        flags |= _F_BOUNDS
+    if out4.nbytes >= STREAM_MIN_BYTES:
+        flags |= _F_STREAM
+    nchunks = min(nthreads, rows)
+    params = np.array((B, H, Q, N, *xg, *og, *kg, *bg, *dg, flags, h0, nchunks), dtype=np.int64)
+    kern = _kernels.get((x4.dtype.char, nchunks > 1))
+    if kern is None:
+        kern = _get_kernel(x4.dtype, nchunks > 1)
+    kern(xf, of, kf, bf, df, params, float(scale))
+
+
+_NO_GEO = (0, 0, 0, 0, 0)
+
+
+def _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> None:
+    """Operands not aligned to their itemsize (rare): run on aligned copies."""
+
+    def aligned(a):
+        return a if a is None or a.flags.aligned else a.copy()
+
+    out = out4 if out4.flags.aligned else np.empty(out4.shape, out4.dtype)
+    masked_softmax_4d(
+        aligned(x4), out, scale, keep4, aligned(bias4), aligned(bounds4), h0, nthreads
+    )
+    if out is not out4:
+        np.copyto(out4, out)
