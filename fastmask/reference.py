@@ -53,6 +53,8 @@ def masked_softmax_reference(
     else:
         keep_full = np.broadcast_to(np.asarray(keep, dtype=bool), z.shape)
     z = np.where(keep_full, z, -np.inf)
+    if z.size == 0:
+        return z
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         # NaN-ignoring max: NaN reaches the sum below and poisons the row there.
         m = np.max(np.where(np.isnan(z), -np.inf, z), axis=axis, keepdims=True)
