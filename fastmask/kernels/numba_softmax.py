@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -496,6 +497,7 @@ _JIT_LOOP = (
 _lock = threading.RLock()
 _installed = False
 _kernels: dict[tuple[str, bool], object] = {}
+_warned_no_cache = False
 _entry_points = None  # (serial, parallel) Python functions, made on first build
 
 
@@ -664,12 +666,23 @@ def _build(dtype: np.dtype, parallel: bool) -> None:
             stamp = ""
         _entry_points = _kernel_functions(stamp)
     fn = _entry_points[1] if parallel else _entry_points[0]
-    _kernels[key] = numba.njit(
-        _signature(dtype),
-        parallel=parallel,
-        fastmath=set(LOOP_FASTMATH),
-        cache=True,
-    )(fn)
+    options = {"parallel": parallel, "fastmath": set(LOOP_FASTMATH)}
+    try:
+        _kernels[key] = numba.njit(_signature(dtype), cache=True, **options)(fn)
+    except RuntimeError as exc:
+        if "cannot cache" not in str(exc):
+            raise
+        # A read-only install with no writable cache directory: compile every time.
+        global _warned_no_cache
+        if not _warned_no_cache:
+            _warned_no_cache = True
+            warnings.warn(
+                f"fastmask: Numba cannot cache its kernels here ({exc}); they are compiled "
+                "in each new process. Set NUMBA_CACHE_DIR to a writable directory to cache them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _kernels[key] = numba.njit(_signature(dtype), cache=False, **options)(fn)
 
 
 def _check_dtype(dtype) -> np.dtype:
