@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import router
+from . import device, router
 from .masks import MaskStrategy
 from .request import build_softmax_requests
 from .threads import get_num_threads
@@ -88,6 +88,10 @@ def masked_softmax(
     array([[0.269, 0.731, 0.   ],
            [0.269, 0.731, 0.   ]], dtype=float32)
     """
+    if device.is_device_array(x):  # GPU memory: validated and routed by fastmask.device
+        return device.masked_softmax(
+            x, mask, bias=bias, scale=scale, axis=axis, out=out, backend=backend
+        )
     requests, result = build_softmax_requests(x, mask, bias=bias, scale=scale, axis=axis, out=out)
     if result.size:
         first = requests[0]
@@ -130,6 +134,8 @@ def explain(
         whether it can serve the call, why not, and its estimated cost in
         microseconds); ``print()`` it for a table.
     """
+    if device.is_device_array(x):
+        return device.explain(x, mask, bias=bias, scale=scale, axis=axis, out=out, backend=backend)
     requests, result = build_softmax_requests(x, mask, bias=bias, scale=scale, axis=axis, out=out)
     summary = _summary(result, mask, bias, scale, axis)
     return router.explain(requests[0], summary, backend)

@@ -83,15 +83,20 @@ class SoftmaxRequest:
         return self.x4.size
 
 
+def device_array_error(what: str) -> TypeError:
+    """The error for a GPU device array that no registered backend can serve."""
+    return TypeError(
+        f"{what} is a GPU device array; no installed backend serves device arrays. "
+        "Install the CUDA plugin (pip install ./plugins/fastmask-cuda) or copy it to the host."
+    )
+
+
 def as_array(obj: Any, what: str) -> np.ndarray:
     """An ndarray view of ``obj`` (zero-copy for NumPy arrays and CPU tensors)."""
     if isinstance(obj, np.ndarray):
         return obj
     if hasattr(obj, "__cuda_array_interface__"):
-        raise TypeError(
-            f"{what} is a GPU device array; no installed backend serves device arrays. "
-            "Install the CUDA plugin (pip install ./plugins/fastmask-cuda) or copy it to the host."
-        )
+        raise device_array_error(what)
     try:
         if hasattr(obj, "__array__"):
             return np.asarray(obj)
@@ -189,6 +194,26 @@ def _bounds4(plan: MaskPlan, b: int, h: int, q: int, n: int) -> np.ndarray:
     return np.broadcast_to(both, (b, h, q, 2))
 
 
+def mask_dtype_error(dtype: np.dtype) -> TypeError:
+    """The error for a non-boolean array passed as ``mask=`` (shared with device calls)."""
+    return TypeError(
+        f"mask= takes a boolean array (True = keep/attend) or a fastmask.masks strategy; "
+        f"got a {dtype} array. fastmask never guesses a mask convention: use "
+        "mask=fastmask.masks.keep(a) if nonzero means attend, "
+        "mask=fastmask.masks.drop(a) if nonzero means masked out (TF tutorial, "
+        "PyTorch key_padding_mask), or bias=a for an additive float mask (-inf/-1e9)."
+    )
+
+
+def structured_axis_error(strategy: MaskStrategy, axis: Any) -> ValueError:
+    """The error for a structured strategy with the softmax axis not last."""
+    return ValueError(
+        f"{strategy!r} is defined on (..., Lq, Lk) with the softmax axis last; "
+        f"got axis={axis}. Move the softmax axis last, or pass a dense mask "
+        "(strategy.to_dense(shape))."
+    )
+
+
 def _mask_key(mask: MaskStrategy | None) -> Any:
     return None if mask is None else mask.key
 
@@ -232,20 +257,10 @@ def build_softmax_requests(
     else:
         m = as_array(mask, "mask")
         if m.dtype != np.bool_:
-            raise TypeError(
-                f"mask= takes a boolean array (True = keep/attend) or a fastmask.masks strategy; "
-                f"got a {m.dtype} array. fastmask never guesses a mask convention: use "
-                "mask=fastmask.masks.keep(a) if nonzero means attend, "
-                "mask=fastmask.masks.drop(a) if nonzero means masked out (TF tutorial, "
-                "PyTorch key_padding_mask), or bias=a for an additive float mask (-inf/-1e9)."
-            )
+            raise mask_dtype_error(m.dtype)
         strategy = DenseMask(m, "keep")
     if strategy is not None and strategy.structured and ax != nd - 1:
-        raise ValueError(
-            f"{strategy!r} is defined on (..., Lq, Lk) with the softmax axis last; "
-            f"got axis={axis}. Move the softmax axis last, or pass a dense mask "
-            "(strategy.to_dense(shape))."
-        )
+        raise structured_axis_error(strategy, axis)
     plan = strategy.plan(xa.shape) if strategy is not None else None
 
     cdt = _COMPUTE[xa.dtype]
