@@ -1,5 +1,9 @@
 """What fastmask is compared with: the copy floor, the NumPy reference, PyTorch, ONNX Runtime.
 
+Attention workloads are compared with PyTorch's ``scaled_dot_product_attention``
+(a boolean mask, or ``is_causal``), ONNX Runtime (the unfused graph) and the
+TensorFlow tutorial's function, both through ``fastmask.compat.tf`` and in plain NumPy.
+
 Each ``make_*`` returns ``(callable, note)``; the callable is None (and the note
 says why) when the peer is not installed or cannot express the workload.
 """
@@ -89,3 +93,116 @@ def make_onnxruntime(inp: Inputs, threads: int) -> Peer:
     feeds = {"x": inp.x, "bias": bias}
     del onnx
     return (lambda: sess.run(None, feeds)), "ONNX Runtime Add(x, mask*-1e9) + Softmax"
+
+
+# ------------------------------------------------------------------ attention workloads
+
+
+def make_attention_copy(inp: Inputs, threads: int) -> Peer:
+    ins = (inp.q, inp.k, inp.v)
+    outs = [np.empty_like(a) for a in ins]
+
+    def copy():
+        for o, a in zip(outs, ins, strict=True):
+            np.copyto(o, a)
+
+    return copy, "np.copyto of q, k and v into preallocated arrays"
+
+
+def make_fastmask_attention(inp: Inputs, threads: int, backend: str | None) -> Peer:
+    kwargs = dict(inp.kwargs, backend=backend)
+    return (lambda: fm.attention(inp.q, inp.k, inp.v, **kwargs)), ""
+
+
+def make_numpy_attention(inp: Inputs, threads: int) -> Peer:
+    return None, "fastmask's NumPy reference materialises float64 scores: too slow here"
+
+
+def make_torch_sdpa(inp: Inputs, threads: int) -> Peer:
+    torch = _torch()
+    if torch is None:
+        return None, "torch not installed (pip install 'fastmask[bench]')"
+    torch.set_num_threads(threads)
+    q, k, v = (torch.from_numpy(a) for a in (inp.q, inp.k, inp.v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if inp.causal:
+        return (lambda: sdpa(q, k, v, is_causal=True)), "torch SDPA is_causal=True"
+    if inp.keep is None:
+        return (lambda: sdpa(q, k, v)), "torch SDPA"
+    mask = torch.from_numpy(np.ascontiguousarray(inp.keep))
+    return (lambda: sdpa(q, k, v, attn_mask=mask)), "torch SDPA, boolean attn_mask (True = keep)"
+
+
+def _tf_mask(inp: Inputs) -> np.ndarray | None:
+    """The tutorial's float mask (1.0 = masked) for the workload."""
+    return None if inp.keep is None else (~inp.keep).astype(np.float32)
+
+
+def make_tf_compat(inp: Inputs, threads: int) -> Peer:
+    mask = _tf_mask(inp)
+    return (
+        lambda: fm.compat.tf.scaled_dot_product_attention(inp.q, inp.k, inp.v, mask)
+    ), "the TF tutorial's function via fastmask.compat.tf (materialises the logits)"
+
+
+def tf_tutorial_numpy(q, k, v, mask):
+    """The TF tutorial's scaled_dot_product_attention, line by line in plain NumPy."""
+    matmul_qk = np.matmul(q, np.swapaxes(k, -1, -2))
+    dk = np.float32(k.shape[-1])
+    scaled_attention_logits = matmul_qk / np.sqrt(dk)
+    if mask is not None:
+        scaled_attention_logits += mask * np.float32(-1e9)
+    e = np.exp(scaled_attention_logits - scaled_attention_logits.max(-1, keepdims=True))
+    attention_weights = e / e.sum(-1, keepdims=True)
+    return np.matmul(attention_weights, v), attention_weights
+
+
+def make_tf_numpy(inp: Inputs, threads: int) -> Peer:
+    mask = _tf_mask(inp)
+    return (
+        lambda: tf_tutorial_numpy(inp.q, inp.k, inp.v, mask)
+    ), "the TF tutorial's function in plain NumPy"
+
+
+def make_onnxruntime_attention(inp: Inputs, threads: int) -> Peer:
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None, "onnxruntime/onnx not installed (pip install 'fastmask[bench]')"
+    q, k, v = inp.q, inp.k, inp.v
+    if q.dtype != np.float32:
+        return None, "float32 only here"
+    bias = (
+        np.zeros((1, 1), np.float32)
+        if inp.keep is None
+        else np.where(inp.keep, 0.0, -1e9).astype(np.float32)
+    )
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / np.sqrt(q.shape[-1])])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", ["q", "kt"], ["s"]),
+            helper.make_node("Mul", ["s", "scale"], ["z"]),
+            helper.make_node("Add", ["z", "bias"], ["zb"]),
+            helper.make_node("Softmax", ["zb"], ["w"], axis=-1),
+            helper.make_node("MatMul", ["w", "v"], ["o"]),
+        ],
+        "attention",
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, list(a.shape))
+            for n, a in (("q", q), ("k", k), ("v", v), ("bias", bias))
+        ],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, [*q.shape[:-1], v.shape[-1]])],
+        initializer=[scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = {"q": q, "k": k, "v": v, "bias": bias}
+    return (
+        lambda: sess.run(None, feeds)
+    ), "ONNX Runtime MatMul + Mul + Add(mask*-1e9) + Softmax + MatMul"

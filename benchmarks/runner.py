@@ -39,7 +39,15 @@ def time_call(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(samples)
 
 
-def _impls(inp, threads: int, quick: bool):
+def _impls(w: Workload, inp, threads: int, quick: bool):
+    """The implementations timed for a workload: its op's fastmask calls, then the peers."""
+    if w.op == "attention":
+        yield from _attention_impls(inp, threads, quick)
+    else:
+        yield from _softmax_impls(inp, threads, quick)
+
+
+def _softmax_impls(inp, threads: int, quick: bool):
     yield "copy (np.copyto)", *peers.make_copy(inp, threads)
     for backend in fm.plugins.backends():
         if backend == "numpy":
@@ -56,17 +64,44 @@ def _impls(inp, threads: int, quick: bool):
     yield "onnxruntime add+softmax", *peers.make_onnxruntime(inp, threads)
 
 
+def _attention_impls(inp, threads: int, quick: bool):
+    yield "copy (np.copyto q,k,v)", *peers.make_attention_copy(inp, threads)
+    for backend in fm.plugins.backends():
+        if backend == "numpy":
+            continue
+        b = fm.plugins.backends()[backend]
+        ok, why = b.status()
+        if not ok or "attention" not in b.ops:
+            yield f"fastmask[{backend}]", None, why or "does not implement attention"
+            continue
+        yield f"fastmask[{backend}]", *peers.make_fastmask_attention(inp, threads, backend)
+    yield "fastmask (auto)", *peers.make_fastmask_attention(inp, threads, None)
+    yield "numpy reference", *peers.make_numpy_attention(inp, threads)
+    yield "torch sdpa", *peers.make_torch_sdpa(inp, threads)
+    yield "onnxruntime attention", *peers.make_onnxruntime_attention(inp, threads)
+    yield "tf tutorial (compat.tf)", *peers.make_tf_compat(inp, threads)
+    yield "tf tutorial (numpy)", *peers.make_tf_numpy(inp, threads)
+
+
+#: Implementations that only need a few samples (slow yardsticks), per op.
+_FEW_SAMPLES = {
+    "masked_softmax": ("numpy", "torch", "onnx"),
+    "attention": ("numpy", "tf tutorial"),
+}
+
+
 def run_workload(w: Workload, threads: int, quick: bool, log=print) -> list[Result]:
     rng = np.random.default_rng(0)
     inp = w.make(rng)
     repeats = w.quick_repeats if quick else w.repeats
     results = []
-    for name, fn, note in _impls(inp, threads, quick):
+    few = _FEW_SAMPLES.get(w.op, ())
+    for name, fn, note in _impls(w, inp, threads, quick):
         if fn is None:
             results.append(Result(w.name, name, None, note))
             continue
         # The slow yardsticks only need a few samples.
-        r = repeats if not name.startswith(("numpy", "torch", "onnx")) else max(2, repeats // 5)
+        r = repeats if not name.startswith(few) else max(2, repeats // 5)
         seconds = time_call(fn, r)
         log(f"  {w.name:<9} {name:<28} {seconds * 1e3:10.4f} ms")
         results.append(Result(w.name, name, seconds, note))

@@ -6,9 +6,10 @@
 [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]
 """
 
-from . import masks, plugins
+from . import compat, masks, plugins
 from ._version import __version__
 from .api import explain, masked_softmax
+from .attention import attention, explain_attention
 from .backends.base import Backend, Verdict
 from .hookspecs import hookimpl
 from .router import BackendError
@@ -19,7 +20,10 @@ __all__ = [
     "BackendError",
     "Verdict",
     "__version__",
+    "attention",
+    "compat",
     "explain",
+    "explain_attention",
     "get_num_threads",
     "hookimpl",
     "masked_softmax",

@@ -1,0 +1,151 @@
+"""The public attention entry points: ``attention`` and ``explain_attention``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import router
+from .api import _like
+from .attention_request import build_attention_requests
+from .masks import MaskStrategy
+from .threads import get_num_threads
+
+__all__ = ["attention", "explain_attention"]
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any = None,
+    *,
+    bias: Any = None,
+    scale: float | None = None,
+    return_weights: bool = False,
+    backend: str | None = None,
+) -> Any:
+    """Scaled dot-product attention: ``masked_softmax(q @ k^T * scale + bias) @ v``.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Lq, D)
+        Queries; float16, float32 or float64 (NumPy arrays or CPU tensors).
+    k : array_like, shape (..., Lk, D)
+        Keys, same dtype as ``q``.
+    v : array_like, shape (..., Lk, Dv)
+        Values, same dtype as ``q``.
+    mask : bool array or MaskStrategy, optional
+        On the scores ``(..., Lq, Lk)``, exactly as for :func:`fastmask.masked_softmax`:
+        a boolean array where **True = keep**, or a :mod:`fastmask.masks` strategy.
+        Other dtypes raise ``TypeError`` (use ``masks.keep(a)``, ``masks.drop(a)`` or
+        ``bias=a``).
+    bias : array_like, optional
+        Additive float array broadcastable to the scores, added after scaling.
+    scale : float, optional
+        Multiplies ``q @ k^T``; default ``1 / sqrt(D)``.
+    return_weights : bool
+        Also return the attention weights ``(..., Lq, Lk)`` (this materialises them).
+    backend : str, optional
+        Force a backend by name (see :func:`explain_attention`).
+
+    Returns
+    -------
+    out : ndarray, shape (..., Lq, Dv)
+        In the inputs' dtype (float16 is computed in float32). A query with no kept
+        key gets a zero row.
+    weights : ndarray, shape (..., Lq, Lk)
+        Only with ``return_weights=True``: equal to ``masked_softmax`` of the scaled
+        scores.
+
+    Notes
+    -----
+    Leading axes broadcast. Grouped-query attention: when q's head axis (axis -3)
+    is a multiple ``Hq = G * Hk`` of k/v's, query head ``h`` uses kv head ``h // G``
+    (like PyTorch's ``enable_gqa``); k and v are not repeated in memory.
+
+    The compiled backends work in tiles of heads x queries: the products go
+    through BLAS, the masked softmax of each tile through the backend's kernel,
+    and only the keys that some row of a tile keeps are computed (causal: about
+    half; padding: up to each sequence's length). Without ``return_weights`` the
+    extra memory is a tile buffer, not ``Lq x Lk``. The products run on NumPy's
+    BLAS threads (``OPENBLAS_NUM_THREADS`` and the like), each tile's softmax on
+    the calling thread (see :mod:`fastmask.kernels.tiled_attention`).
+
+    Raises
+    ------
+    TypeError
+        Unsupported or mismatched dtypes, a non-boolean mask array.
+    ValueError
+        Shapes that do not match or broadcast (including head counts that are not
+        multiples), a non-finite scale, an unknown or unable backend.
+
+    Examples
+    --------
+    >>> import numpy as np, fastmask as fm
+    >>> q = np.ones((1, 2, 3, 4), np.float32)
+    >>> v = np.arange(6, dtype=np.float32).reshape(1, 1, 3, 2)
+    >>> fm.attention(q, q, v, fm.masks.causal())[0, 0]
+    array([[0., 1.],
+           [1., 2.],
+           [2., 3.]], dtype=float32)
+    """
+    requests, out, weights = build_attention_requests(
+        q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights
+    )
+    if requests and requests[0].size:
+        first = requests[0]
+        chosen = router.choose(first) if backend is None else router.forced(backend, first)
+        for request in requests:
+            router.run(chosen, request)
+    if return_weights:
+        return _like(q, out), _like(q, weights)
+    return _like(q, out)
+
+
+def _summary(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: Any, rw: bool) -> str:
+    def desc(a: Any) -> str:
+        a = np.asarray(a) if not hasattr(a, "shape") else a
+        return f"{tuple(a.shape)} {a.dtype}"
+
+    parts = [f"attention(q: {desc(q)}, k: {desc(k)}, v: {desc(v)}"]
+    if mask is not None:
+        parts.append(f"mask={mask!r}" if isinstance(mask, MaskStrategy) else "mask=<bool array>")
+    if bias is not None:
+        parts.append(f"bias={np.shape(bias)}")
+    if scale is not None:
+        parts.append(f"scale={scale}")
+    if rw:
+        parts.append("return_weights=True")
+    return ", ".join(parts) + f"), threads={get_num_threads()}"
+
+
+def explain_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any = None,
+    *,
+    bias: Any = None,
+    scale: float | None = None,
+    return_weights: bool = False,
+    backend: str | None = None,
+) -> router.Explanation:
+    """Say which backend an :func:`attention` call would run on, and why.
+
+    Takes the same arguments as :func:`attention`, validates them the same way and
+    runs nothing (it does allocate the output, as a call would). The costs of the
+    tiled backends count only the tiles their masks do not skip.
+
+    Returns
+    -------
+    Explanation
+        ``.chosen``, ``.candidates`` (every backend's verdict and estimated cost in
+        microseconds); ``print()`` it for a table.
+    """
+    requests, _, _ = build_attention_requests(
+        q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights
+    )
+    summary = _summary(q, k, v, mask, bias, scale, bool(return_weights))
+    return router.explain(requests[0], summary, backend)

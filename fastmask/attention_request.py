@@ -1,0 +1,357 @@
+"""Turning a user's ``attention`` call into what backends see: validated 4-D views.
+
+Shapes: ``q (..., Lq, D)``, ``k (..., Lk, D)``, ``v (..., Lk, Dv)``. Their leading
+axes broadcast to the call's *batch* shape; the scores ``q @ k^T`` have shape
+``batch + (Lq, Lk)`` and the mask, bias and mask strategies are interpreted on
+that shape exactly as :func:`fastmask.masked_softmax` interprets its logits.
+
+Grouped-query attention: when q's head axis (axis -3) has ``Hq`` entries and
+k/v's has ``Hk`` with ``Hq`` a multiple of ``Hk``, query head ``h`` reads kv
+head ``h // (Hq // Hk)``. k and v are never repeated in memory for it: after
+folding the leading axes into ``(B, H)``, the flat query head ``h`` reads the
+flat kv head ``h // group`` (this holds for any number of leading axes), and
+the backends index accordingly.
+
+Layout of a request (``(B, H)`` is the canonical ``(batch, heads)`` split of
+:func:`fastmask.masks.base.canonical_dims`, except that 3-D scores
+``(X, Lq, Lk)`` are laid out as ``B = 1, H = X`` so that grouping always runs
+along ``H``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .masks import MaskStrategy
+from .masks.base import MaskPlan, canonical_dims
+from .masks.dense import DenseMask
+from .request import (
+    _COMPUTE,
+    _bounds4,
+    _check_float,
+    _fold,
+    _mask_key,
+    _scale,
+    as_array,
+    mask_dtype_error,
+)
+from .threads import get_num_threads
+
+__all__ = ["AttentionRequest", "build_attention_requests"]
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """One attention call (or one part of a split call), as backends see it.
+
+    Attributes
+    ----------
+    op : str
+        ``"attention"``.
+    q4 : ndarray, (B, Hq, Lq, D)
+        Queries in ``compute_dtype`` (broadcast views: zero strides, never expanded).
+    k4, v4 : ndarray, (B, Hk, Lk, D) and (B, Hk, Lk, Dv)
+        Keys and values in ``compute_dtype``; ``Hq == Hk * group``.
+    out4 : ndarray, (B, Hq, Lq, Dv)
+        The output, in ``dtype``, zero-filled: a backend may leave the rows and
+        tiles it skips untouched.
+    weights4 : ndarray or None, (B, Hq, Lq, Lk)
+        Where to write the attention weights (``return_weights=True``), in ``dtype``,
+        zero-filled.
+    keep4 : ndarray of bool or None
+        Dense keep mask view of the scores' shape ``(B, Hq, Lq, Lk)``.
+    bias4 : ndarray or None
+        Additive bias view of the scores' shape, in ``compute_dtype``.
+    bounds4 : ndarray of int64 or None
+        ``(B, Hq, Lq, 2)``: the keys a row may keep are ``[lo, hi)``, clipped to
+        ``[0, Lk]``. It combines the strategy's intervals with the first and last
+        kept key of each row of a dense mask, so ``lo >= hi`` means the row keeps
+        nothing; backends may skip any key outside it.
+    scale : float
+        Multiplies the scores first (``1/sqrt(D)`` unless the user gave one).
+    group : int
+        Query heads per kv head (1 without grouped-query attention).
+    h0 : int
+        Global index of this request's first head (non-zero only for split calls).
+    compute_dtype : dtype
+        float32 for float16/float32 inputs, float64 for float64.
+    strategy : MaskStrategy or None
+        The user's mask strategy.
+    key : tuple
+        Routing signature: requests with equal keys route to the same backend.
+    """
+
+    op: str
+    q4: np.ndarray
+    k4: np.ndarray
+    v4: np.ndarray
+    out4: np.ndarray
+    weights4: np.ndarray | None
+    keep4: np.ndarray | None
+    bias4: np.ndarray | None
+    bounds4: np.ndarray | None
+    scale: float
+    group: int
+    h0: int
+    compute_dtype: np.dtype
+    strategy: MaskStrategy | None
+    key: tuple
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the inputs and outputs."""
+        return self.out4.dtype
+
+    @property
+    def scores_shape4(self) -> tuple[int, int, int, int]:
+        b, h, q, _ = self.q4.shape
+        return b, h, q, self.k4.shape[2]
+
+    @property
+    def rows(self) -> int:
+        b, h, q, _ = self.q4.shape
+        return b * h * q
+
+    @property
+    def size(self) -> int:
+        """Elements of the full scores ``(B, Hq, Lq, Lk)``."""
+        return self.rows * self.k4.shape[2]
+
+
+def _strategy(mask: Any) -> MaskStrategy | None:
+    if mask is None or isinstance(mask, MaskStrategy):
+        return mask
+    m = as_array(mask, "mask")
+    if m.dtype != np.bool_:
+        raise mask_dtype_error(m.dtype)
+    return DenseMask(m, "keep")
+
+
+def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[tuple[int, ...], int, int]:
+    """Validate q/k/v shapes; return ``(batch shape, Hq, Hk)`` (``Hk == Hq`` without GQA)."""
+    for a, name, dims in ((q, "q", "(..., Lq, D)"), (k, "k", "(..., Lk, D)"),
+                          (v, "v", "(..., Lk, Dv)")):  # fmt: skip
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have shape {dims}; got a {a.ndim}-d array {a.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same last axis D; got q {q.shape} and k {k.shape}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of keys (axis -2); got k {k.shape} and v {v.shape}"
+        )
+    qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
+    try:
+        kvb = np.broadcast_shapes(kb, vb)
+    except ValueError:
+        raise ValueError(
+            f"the leading axes of k {k.shape} and v {v.shape} do not broadcast"
+        ) from None
+    hq = qb[-1] if qb else 1
+    hk = kvb[-1] if kvb else 1
+    grouped = bool(qb) and bool(kvb) and hq != hk and hk != 1 and hq != 1
+    if grouped and hq % hk:
+        raise ValueError(
+            f"q has {hq} heads (axis -3) and k/v have {hk}: for grouped-query attention "
+            f"q's head count must be a multiple of k/v's (or either must be 1 to broadcast)"
+        )
+    try:
+        if grouped:
+            batch = np.broadcast_shapes(qb, (*kvb[:-1], hq))
+        else:
+            batch = np.broadcast_shapes(qb, kvb)
+    except ValueError:
+        raise ValueError(
+            f"the leading axes of q {q.shape} and k/v {kvb} do not broadcast"
+        ) from None
+    if not grouped:
+        return batch, 1, 1
+    return batch, hq, hk
+
+
+def _dense_row_bounds(keep: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """First kept key and one past the last of every row of a dense keep mask.
+
+    Computed on the mask's own (possibly broadcast-small) shape, then laid out as
+    ``(B, H, Q)``; rows keeping nothing get ``[0, 0)``.
+    """
+    nd = len(shape)
+    n = shape[-1]
+    kp = keep.reshape((1,) * (nd - keep.ndim) + keep.shape)
+    if n == 0 or kp.shape[-1] == 0:
+        lo = hi = np.zeros(kp.shape[:-1], np.int64)
+    elif kp.shape[-1] == 1:
+        any_ = kp[..., 0]
+        lo = np.zeros(any_.shape, np.int64)
+        hi = np.where(any_, n, 0).astype(np.int64)
+    else:
+        any_ = kp.any(axis=-1)
+        first = np.argmax(kp, axis=-1)
+        last = n - np.argmax(kp[..., ::-1], axis=-1)
+        lo = np.where(any_, first, 0).astype(np.int64)
+        hi = np.where(any_, last, 0).astype(np.int64)
+    b, h, q, _ = canonical_dims(shape)
+    rows = shape[:-1]
+    lo = np.broadcast_to(lo, rows).reshape(b, h, q)
+    hi = np.broadcast_to(hi, rows).reshape(b, h, q)
+    return lo, hi
+
+
+def build_attention_requests(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any = None,
+    *,
+    bias: Any = None,
+    scale: Any = None,
+    return_weights: bool = False,
+) -> tuple[list[AttentionRequest], np.ndarray, np.ndarray | None]:
+    """Validate an ``attention`` call and build its request(s).
+
+    Returns
+    -------
+    requests : list of AttentionRequest
+        Usually one; several when the leading axes of some operand cannot be
+        folded into one head axis without a copy (the call is then split along
+        axis 1).
+    out : ndarray
+        The output ``batch + (Lq, Dv)`` in the inputs' dtype (zeros until run).
+    weights : ndarray or None
+        The weights ``batch + (Lq, Lk)`` when ``return_weights`` (zeros until run).
+    """
+    hint = "Convert first, e.g. a.astype(numpy.float32)."
+    qa = _check_float(as_array(q, "q"), "q", hint)
+    ka = _check_float(as_array(k, "k"), "k", hint)
+    va = _check_float(as_array(v, "v"), "v", hint)
+    if not qa.dtype == ka.dtype == va.dtype:
+        raise TypeError(
+            f"q, k and v must have the same dtype; got {qa.dtype}, {ka.dtype} and {va.dtype}. "
+            "Convert them first, e.g. k.astype(q.dtype)."
+        )
+    if not isinstance(return_weights, (bool, np.bool_)):
+        raise TypeError(f"return_weights must be a bool; got {return_weights!r}")
+    batch, hq, hk = _shapes(qa, ka, va)
+    group = hq // hk
+    lq, d = qa.shape[-2:]
+    lk, dv = va.shape[-2:]
+    if scale is None:
+        s = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    else:
+        s = _scale(scale)
+    dtype = qa.dtype
+    cdt = _COMPUTE[dtype]
+
+    scores_shape = (*batch, lq, lk)
+    strategy = _strategy(mask)
+    plan = strategy.plan(scores_shape) if strategy is not None else None
+    nd = len(scores_shape)
+    bb, hh, qq, nn = canonical_dims(scores_shape)
+
+    keep = None
+    lo = hi = None
+    if plan is not None:
+        if plan.lo is not None:
+            lo, hi = plan.lo, plan.hi
+        if plan.keep is not None:
+            if plan.keep.ndim > nd:
+                raise ValueError(
+                    f"mask has {plan.keep.ndim} dimensions, more than the scores' {nd} "
+                    f"(scores: {scores_shape})"
+                )
+            keep = np.broadcast_to(plan.keep, scores_shape)
+            dlo, dhi = _dense_row_bounds(plan.keep, scores_shape)
+            lo = dlo if lo is None else np.maximum(lo, dlo)
+            hi = dhi if hi is None else np.minimum(hi, dhi)
+    bounds = None
+    if lo is not None:
+        bounds = _bounds4(MaskPlan(lo=lo, hi=hi), bb, hh, qq, nn)
+
+    bias_view = None
+    if bias is not None:
+        ba = _check_float(
+            as_array(bias, "bias"),
+            "bias",
+            "Pass an additive float mask (e.g. -inf or -1e9 at masked positions).",
+        )
+        if ba.ndim > nd:
+            raise ValueError(f"bias has {ba.ndim} dimensions, more than the scores' {nd}")
+        try:
+            bias_view = np.broadcast_to(ba.astype(cdt, copy=False), scores_shape)
+        except ValueError:
+            raise ValueError(
+                f"bias of shape {ba.shape} does not broadcast to the scores' shape "
+                f"{scores_shape} (q @ k^T: batch + (Lq, Lk))"
+            ) from None
+
+    # Operands in the compute dtype (float16 is converted once, before broadcasting).
+    qc = qa.astype(cdt, copy=False)
+    kc = ka.astype(cdt, copy=False)
+    vc = va.astype(cdt, copy=False)
+    kv_batch = (*batch[:-1], hk) if group > 1 else batch
+    q_b = np.broadcast_to(qc, (*batch, lq, d))
+    k_b = np.broadcast_to(kc, (*kv_batch, lk, d))
+    v_b = np.broadcast_to(vc, (*kv_batch, lk, dv))
+    out = np.zeros((*batch, lq, dv), dtype)
+    weights = np.zeros(scores_shape, dtype) if return_weights else None
+
+    key = (
+        "attention",
+        qa.shape,
+        ka.shape,
+        va.shape,
+        dtype.char,
+        keep is not None,
+        bias_view is not None,
+        bounds is not None,
+        _mask_key(strategy),
+        bool(return_weights),
+        get_num_threads(),
+    )
+    operands = [q_b, k_b, v_b, out, weights, keep, bias_view]
+    requests: list[AttentionRequest] = []
+    _assemble(operands, bounds, s, group, cdt, strategy, key, 0, nd, requests)
+    return requests, out, weights
+
+
+def _assemble(
+    operands: list[np.ndarray | None],
+    bounds: np.ndarray | None,
+    s: float,
+    group: int,
+    cdt: np.dtype,
+    strategy: MaskStrategy | None,
+    key: tuple,
+    h0: int,
+    nd: int,
+    requests: list[AttentionRequest],
+) -> None:
+    """Fold the operands to 4-D views, splitting along axis 1 where a fold needs a copy."""
+    folded = [None if a is None else _fold(a) for a in operands]
+    if any(f is None and a is not None for f, a in zip(folded, operands, strict=True)):
+        out = operands[3]
+        assert out is not None
+        inner_h = canonical_dims(out.shape)[1] // max(out.shape[1], 1)
+        for i in range(out.shape[1]):
+            sub = [None if a is None else a[:, i] for a in operands]
+            sub_bounds = None if bounds is None else bounds[:, i * inner_h : (i + 1) * inner_h]
+            _assemble(sub, sub_bounds, s, group, cdt, strategy, key, h0 + i * inner_h, nd - 1,
+                      requests)  # fmt: skip
+        return
+    q4, k4, v4, out4, w4, keep4, bias4 = folded
+    b4 = bounds
+    if nd == 3:
+        # (X, 1, ...) -> (1, X, ...): the head axis of 3-D inputs is their first axis.
+        q4, k4, v4, out4 = (a.swapaxes(0, 1) for a in (q4, k4, v4, out4))  # type: ignore[union-attr]
+        w4, keep4, bias4, b4 = (None if a is None else a.swapaxes(0, 1)
+                                for a in (w4, keep4, bias4, b4))  # fmt: skip
+    assert q4 is not None and k4 is not None and v4 is not None and out4 is not None
+    requests.append(
+        AttentionRequest(
+            "attention", q4, k4, v4, out4, w4, keep4, bias4, b4, s, group, h0, cdt,
+            strategy, key,
+        )
+    )  # fmt: skip
