@@ -16,6 +16,7 @@ import numpy as np
 
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
+from .masks.custom import prepare as prepare_user_functions
 from .masks.dense import DenseMask
 from .threads import get_num_threads
 
@@ -51,6 +52,10 @@ class SoftmaxRequest:
         The user's mask strategy (for backends that evaluate strategies themselves).
     key : tuple
         Routing signature: requests with equal keys route to the same backend.
+    predicate, score : object or None
+        The mask's user predicate / score function (:mod:`fastmask.masks.custom`),
+        already compiled for ``compute_dtype``. Backends that cannot run them
+        must decline requests that have them.
     """
 
     op: str
@@ -64,6 +69,8 @@ class SoftmaxRequest:
     compute_dtype: np.dtype
     strategy: MaskStrategy | None
     key: tuple
+    predicate: Any = None
+    score: Any = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -113,6 +120,8 @@ def _check_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
         raise TypeError(f"{what} must be float16, float32 or float64; got {dt}. {hint}")
     if not dt.isnative:
         a = a.astype(dt.newbyteorder("="))
+    elif not a.flags.aligned:  # e.g. unpickled or np.frombuffer at an odd offset
+        a = a.copy()
     return a
 
 
@@ -136,6 +145,8 @@ def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
         raise ValueError(f"out has dtype {o.dtype}; it must match x's dtype {x.dtype}")
     if not o.flags.writeable:
         raise ValueError("out is read-only; pass a writable array (or x itself for in place)")
+    if not o.flags.aligned:
+        raise ValueError("out is not aligned to its itemsize; pass an aligned array")
     if not np.may_share_memory(o, x):
         return o, False
     same = (
@@ -264,6 +275,7 @@ def build_softmax_requests(
     plan = strategy.plan(xa.shape) if strategy is not None else None
 
     cdt = _COMPUTE[xa.dtype]
+    user_fns = prepare_user_functions(plan, cdt)  # (predicate, score), compiled
     operands: list[np.ndarray | None] = [xa, None, None, None]  # x, out, keep, bias
     if plan is not None and plan.keep is not None:
         operands[2] = np.broadcast_to(plan.keep, xa.shape)
@@ -304,17 +316,18 @@ def build_softmax_requests(
         operands[3] is not None,
         bounds is not None,
         _mask_key(strategy),
+        tuple(None if f is None else f.key for f in user_fns),
         inplace,
         get_num_threads(),
     )
     folded = [None if a is None else _fold(a) for a in operands]
     if any(f is None and a is not None for f, a in zip(folded, operands, strict=True)):
-        requests = _split(operands, bounds, s, cdt, strategy, key, h0=0)
+        requests = _split(operands, bounds, s, cdt, strategy, key, 0, user_fns)
     else:
         requests = [
             SoftmaxRequest(
                 "masked_softmax", folded[0], folded[1], folded[2], folded[3], bounds,
-                s, 0, cdt, strategy, key,
+                s, 0, cdt, strategy, key, *user_fns,
             )
         ]  # fmt: skip
     return requests, oa
@@ -328,6 +341,7 @@ def _split(
     strategy: MaskStrategy | None,
     key: tuple,
     h0: int,
+    user_fns: tuple = (None, None),
 ) -> list[SoftmaxRequest]:
     """Split along axis 1 until every operand folds to 4-D as a view."""
     x = operands[0]
@@ -339,12 +353,12 @@ def _split(
         sub_bounds = None if bounds is None else bounds[:, i * inner_h : (i + 1) * inner_h]
         folded = [None if a is None else _fold(a) for a in sub]
         if any(f is None and a is not None for f, a in zip(folded, sub, strict=True)):
-            requests += _split(sub, sub_bounds, s, cdt, strategy, key, h0 + i * inner_h)
+            requests += _split(sub, sub_bounds, s, cdt, strategy, key, h0 + i * inner_h, user_fns)
         else:
             requests.append(
                 SoftmaxRequest(
                     "masked_softmax", folded[0], folded[1], folded[2], folded[3], sub_bounds,
-                    s, h0 + i * inner_h, cdt, strategy, key,
+                    s, h0 + i * inner_h, cdt, strategy, key, *user_fns,
                 )
             )  # fmt: skip
     return requests

@@ -290,3 +290,12 @@ def test_torch_tensors_zero_copy(backend, rng):
     # In place into the tensor's own memory.
     fm.masked_softmax(x, keep, out=x, backend=backend)
     np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_unaligned_input_and_bias(backend, rng):
+    buf = np.zeros(4 * 3 * 17 + 1, np.uint8)
+    x = np.frombuffer(buf.data, np.float32, count=3 * 17, offset=1).reshape(3, 17)
+    assert not x.flags.aligned
+    bias = np.frombuffer(buf.data, np.float32, count=17, offset=1)
+    y = fm.masked_softmax(x, bias=bias, backend=backend)
+    assert_matches_reference(y, x, bias=bias)

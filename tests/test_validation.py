@@ -83,6 +83,11 @@ def test_out_checks():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         fm.masked_softmax(X, out=ro)
+    raw = np.zeros(X.nbytes + 1, np.uint8)
+    unaligned = np.frombuffer(raw.data, np.float32, count=X.size, offset=1).reshape(X.shape)
+    unaligned.flags.writeable = True
+    with pytest.raises(ValueError, match="aligned"):
+        fm.masked_softmax(X, out=unaligned)
     base = np.zeros((3, 6), np.float32)
     with pytest.raises(ValueError, match="overlaps"):
         fm.masked_softmax(base[:2], out=base[1:])

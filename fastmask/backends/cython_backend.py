@@ -1,7 +1,8 @@
 """The ``cython`` backend: ahead-of-time compiled OpenMP kernels (``fastmask/_kernels.pyx``).
 
 No JIT warm-up and the lowest per-call overhead, so it serves first calls and
-tiny calls best.
+tiny calls best. Attention runs the shared tiled driver
+(:mod:`fastmask.kernels.tiled_attention`) with this backend's softmax kernel.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 
 from ..hookspecs import hookimpl
+from ..kernels import tiled_attention
+from ..masks.custom import runs_user_code
 from ..threads import threads_for
 from .base import Backend, Verdict
 
@@ -34,6 +37,7 @@ else:
 class CythonBackend(Backend):
     name = "cython"
     device = "cpu"
+    ops = frozenset({"masked_softmax", "attention"})
     description = "Cython + OpenMP kernels (compiled at install, no warm-up)"
 
     #: Cost model in microseconds, calibrated with benchmarks/bench_softmax.py.
@@ -51,6 +55,15 @@ class CythonBackend(Backend):
         return True, f"{threads}, {info['isa']} kernels{debug}"
 
     def check(self, request) -> Verdict:
+        if runs_user_code(request):
+            if request.op == "attention":
+                return Verdict.no("custom predicates and score functions: masked_softmax only")
+            return Verdict.no(
+                "custom predicates and score functions run in the numba backend "
+                "(compiled with Numba; the Cython kernels are compiled ahead of time)"
+            )
+        if request.op == "attention":
+            return tiled_attention.estimate(request, self.OVERHEAD_US, self.PER_ELEMENT_US)
         n = threads_for(request.size, request.rows)
         if not _kernels.openmp_enabled():
             n = 1
@@ -62,6 +75,11 @@ class CythonBackend(Backend):
             request.x4, request.out4, request.scale, request.keep4, request.bias4,
             request.bounds4, request.h0, threads_for(request.size, request.rows),
         )  # fmt: skip
+
+    def attention(self, request) -> None:
+        # Serial softmax per tile: OpenMP's spinning workers and NumPy's BLAS
+        # threads would fight over the cores (see fastmask.kernels.tiled_attention).
+        tiled_attention.run(request, _kernels.masked_softmax_4d)
 
 
 @hookimpl

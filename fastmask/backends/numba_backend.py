@@ -5,6 +5,10 @@ layer crashes when two Python threads launch parallel kernels at once. fastmask
 selects ``workqueue`` (fork-safe) unless ``NUMBA_THREADING_LAYER`` is set, and
 serialises its own parallel launches with a process-wide lock (re-created in a
 forked child). Serial calls (small inputs) take no lock.
+
+Attention runs the shared tiled driver (:mod:`fastmask.kernels.tiled_attention`)
+with this backend's serial softmax kernel on each tile (no parallel launch, so
+no lock: the products use NumPy's BLAS threads).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import threading
 
 from ..hookspecs import hookimpl
+from ..kernels import tiled_attention
+from ..masks.custom import runs_user_code
 from ..threads import threads_for
 from .base import Backend, Verdict
 
@@ -32,11 +38,7 @@ os.register_at_fork(after_in_child=_reset_lock_in_child)
 def _load():
     global _kernels
     if _kernels is None:
-        import numba
-
-        if "NUMBA_THREADING_LAYER" not in os.environ:
-            numba.config.THREADING_LAYER = "workqueue"
-        from ..kernels import numba_softmax
+        from ..kernels import numba_softmax  # selects the threading layer
 
         _kernels = numba_softmax
     return _kernels
@@ -45,6 +47,7 @@ def _load():
 class NumbaBackend(Backend):
     name = "numba"
     device = "cpu"
+    ops = frozenset({"masked_softmax", "attention"})
     description = "Numba parallel kernels (JIT, cached on disk)"
 
     #: Cost model in microseconds, calibrated with benchmarks/bench_softmax.py.
@@ -59,29 +62,52 @@ class NumbaBackend(Backend):
         return True, ""
 
     def check(self, request) -> Verdict:
+        if request.op == "attention":
+            if runs_user_code(request):
+                return Verdict.no("custom predicates and score functions: masked_softmax only")
+            v = tiled_attention.estimate(request, self.OVERHEAD_US, self.PER_ELEMENT_US)
+            if _kernels is None or not _kernels.is_compiled(request.compute_dtype):
+                return Verdict(True, v.reason + ", JIT warm-up first", v.cost + self.WARMUP_US)
+            return v
         n = threads_for(request.size, request.rows)
         cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
-        if _kernels is None or not _kernels.is_compiled(request.dtype):
+        custom = request.predicate is not None or request.score is not None
+        if _kernels is None or not _kernels.is_compiled(request.dtype, custom):
             return Verdict(True, f"{n} thread(s), JIT warm-up first", cost + self.WARMUP_US)
-        return Verdict(True, f"{n} thread(s)", cost)
+        return Verdict(True, f"{n} thread(s)" + (", fused user functions" if custom else ""), cost)
 
     def masked_softmax(self, request) -> None:
         kernels = _load()
-        warm = kernels.is_compiled(request.dtype)
+        user_fns = {"predicate": request.predicate, "score": request.score}
+        custom = request.predicate is not None or request.score is not None
+        warm = kernels.is_compiled(request.dtype, custom)
         n = threads_for(request.size, request.rows)
         args = (
             request.x4, request.out4, request.scale, request.keep4, request.bias4,
             request.bounds4, request.h0,
         )  # fmt: skip
         if n == 1:
-            kernels.masked_softmax_4d(*args, 1)
+            kernels.masked_softmax_4d(*args, 1, **user_fns)
         else:
             import numba
 
             with _launch_lock:
                 n = min(n, numba.config.NUMBA_NUM_THREADS)
                 numba.set_num_threads(n)
-                kernels.masked_softmax_4d(*args, n)
+                kernels.masked_softmax_4d(*args, n, **user_fns)
+        if not warm:
+            from .. import router
+
+            router.invalidate()  # its cost estimate just dropped
+
+    def attention(self, request) -> None:
+        kernels = _load()
+        warm = kernels.is_compiled(request.compute_dtype)
+        if not warm:
+            kernels.compile(request.compute_dtype)  # both kernels, as is_compiled() counts
+        # Serial softmax per tile (parallel_softmax=False): the kernel runs with
+        # nthreads=1, which launches no parallel region and needs no lock.
+        tiled_attention.run(request, kernels.masked_softmax_4d)
         if not warm:
             from .. import router
 

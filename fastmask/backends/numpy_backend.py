@@ -1,7 +1,8 @@
 """The ``numpy`` backend: the readable reference, always available.
 
-It materialises the mask and computes in float64 — slow, simple, exact enough to
-be the yardstick. Routing only picks it when nothing faster can serve a call.
+It materialises the mask (and, for attention, the scores) and computes in
+float64 — slow, simple, exact enough to be the yardstick. Routing only picks it
+when nothing faster can serve a call.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..hookspecs import hookimpl
+from ..masks import custom
 from ..reference import masked_softmax_reference
 from .base import Backend, Verdict
 
 
-def _dense_keep(request) -> np.ndarray | None:
+def _dense_keep(request, n: int | None = None) -> np.ndarray | None:
     keep = request.keep4
     if request.bounds4 is not None:
-        n = request.x4.shape[-1]
+        n = request.x4.shape[-1] if n is None else n
         k = np.arange(n)
         in_bounds = (k >= request.bounds4[..., :1]) & (k < request.bounds4[..., 1:])
         keep = in_bounds if keep is None else keep & in_bounds
@@ -26,24 +28,61 @@ def _dense_keep(request) -> np.ndarray | None:
 class NumpyBackend(Backend):
     name = "numpy"
     device = "cpu"
-    description = "NumPy reference (float64 arithmetic, materialises masks)"
+    ops = frozenset({"masked_softmax", "attention"})
+    description = "NumPy reference (float64 arithmetic, materialises masks and scores)"
 
-    #: Rough cost model, microseconds: fixed + per element.
+    #: Rough cost model, microseconds: fixed + per element (+ per flop for attention).
     OVERHEAD_US = 40.0
     PER_ELEMENT_US = 0.02
+    PER_FLOP_US = 2e-5
+    #: Compiling the loops that evaluate user predicates and score functions over a grid.
+    WARMUP_US = 400_000.0
 
     def check(self, request) -> Verdict:
-        return Verdict(True, "reference", self.OVERHEAD_US + self.PER_ELEMENT_US * request.size)
+        cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size
+        if custom.runs_user_code(request):
+            if request.op == "attention":
+                return Verdict.no("custom predicates and score functions: masked_softmax only")
+            # the user functions are evaluated over the whole grid (compiled), then the reference
+            if not custom.grids_ready():
+                return Verdict(True, "reference, JIT warm-up first", 2 * cost + self.WARMUP_US)
+            return Verdict(True, "reference, materialises the user functions", 2 * cost)
+        if request.op == "attention":
+            b, h, q, n = request.scores_shape4
+            flops = 2 * b * h * q * n * (request.q4.shape[3] + request.v4.shape[3])
+            return Verdict(
+                True, "reference, materialises the scores", cost + self.PER_FLOP_US * flops
+            )
+        return Verdict(True, "reference", cost)
 
     def masked_softmax(self, request) -> None:
-        y = masked_softmax_reference(
-            request.x4,
-            keep=_dense_keep(request),
+        x, keep, bias, scale = request.x4, _dense_keep(request), request.bias4, request.scale
+        if request.predicate is not None or request.score is not None:
+            x, keep, bias, scale = custom.reference_operands(request, keep)
+        y = masked_softmax_reference(x, keep=keep, bias=bias, scale=scale, dtype=np.float64)
+        np.copyto(request.out4, y, casting="unsafe")
+
+    def attention(self, request) -> None:
+        """``softmax(q @ k^T)`` by definition, in float64, scores materialised."""
+        b, h, lq, d = request.q4.shape
+        _, hk, lk, dv = request.v4.shape
+        g = request.group
+        # Query head h reads kv head h // g: view q as (B, Hk, g, Lq, D) against (B, Hk, 1, Lk, D).
+        q = request.q4.astype(np.float64).reshape(b, hk, g, lq, d)
+        k = request.k4.astype(np.float64)[:, :, None]
+        v = request.v4.astype(np.float64)[:, :, None]
+        scores = np.matmul(q, k.swapaxes(-1, -2)).reshape(b, h, lq, lk)
+        weights = masked_softmax_reference(
+            scores,
+            keep=_dense_keep(request, lk),
             bias=request.bias4,
             scale=request.scale,
             dtype=np.float64,
         )
-        np.copyto(request.out4, y, casting="unsafe")
+        out = np.matmul(weights.reshape(b, hk, g, lq, lk), v).reshape(b, h, lq, dv)
+        np.copyto(request.out4, out, casting="unsafe")
+        if request.weights4 is not None:
+            np.copyto(request.weights4, weights, casting="unsafe")
 
 
 @hookimpl

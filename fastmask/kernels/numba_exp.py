@@ -35,6 +35,12 @@ Contents
 - ``address(a, i)``: a typed pointer (``CPointer``) to ``a[i]`` of a 1-D
   array or pointer; ``prefetch(p, i, write)``: ``llvm.prefetch`` of the
   cache line holding ``p[i]`` (no effect on results).
+- ``call_row_fn(addr, p, b, h, q, k0, n)``: call the C function at address
+  ``addr`` as ``int64 f(T *p, int64 b, int64 h, int64 q, int64 k0, int64 n)``
+  (``T`` is ``p``'s element type). The kernels reach user predicates and
+  score functions this way: each is compiled once into such a row function
+  (a Numba ``cfunc``) and the kernel, compiled once per dtype, calls it once
+  per row.
 - ``opaque(v)``: ``v``, hidden from the optimiser by an empty inline-asm
   statement. A masked max ``maximum(m, z if k else -inf)`` with a constant
   ``-inf`` is folded by InstCombine into ``k ? maximum(m, z) : m``, a
@@ -53,6 +59,7 @@ __all__ = [
     "EXP_FASTMATH",
     "HALF_FASTMATH",
     "address",
+    "call_row_fn",
     "exp_f32",
     "exp_f64",
     "f32_to_half",
@@ -184,6 +191,10 @@ def address(a, i):
     a pointer costs no wraparound check and no reference counting, which is
     what keeps the per-row overhead of the kernel small.
     """
+
+
+def call_row_fn(addr, p, b, h, q, k0, n):
+    """Call the row function at address ``addr`` (see the module docstring); returns its status."""
 
 
 def fmaximum(a, b):
@@ -432,6 +443,25 @@ def _make_intrinsics():
         return types.none(p, i, write), codegen
 
     @intrinsic
+    def call_row_fn_(typingctx, addr, p, b, h, q, k0, n):
+        ints = (addr, b, h, q, k0, n)
+        if not (isinstance(p, types.CPointer) and all(isinstance(t, types.Integer) for t in ints)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            fnty = ir.FunctionType(i64, [context.get_value_type(p)] + [i64] * 5)
+            int_args = (args[0], *args[2:])
+            vals = [
+                context.cast(builder, v, t, types.int64)
+                for v, t in zip(int_args, ints, strict=True)
+            ]
+            fptr = builder.inttoptr(vals[0], fnty.as_pointer())
+            return builder.call(fptr, [args[1], *vals[1:]])
+
+        return types.int64(addr, p, b, h, q, k0, n), codegen
+
+    @intrinsic
     def misalign_(typingctx, p):
         if not isinstance(p, types.CPointer):
             return None
@@ -543,6 +573,7 @@ def _make_intrinsics():
         "f32_to_half_hw": f32_to_half_hw,
         "prefetch": prefetch_,
         "address": address_,
+        "call_row_fn": call_row_fn_,
         "misalign": misalign_,
         "stream_line": stream_line_,
         "stream_zero_line": stream_zero_line_,

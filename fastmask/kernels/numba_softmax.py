@@ -37,6 +37,31 @@ Per row ``(b, h, q)`` with kept range ``[lo, hi)`` (``bounds`` clipped):
 3. ``out_k = e_k * (1 / s)``; positions outside ``[lo, hi)`` are written 0
    and never read (``x``, ``keep`` and ``bias`` alike).
 
+Custom predicates and score functions
+-------------------------------------
+User functions reach the kernel as *row functions*: each is compiled once
+(a Numba ``cfunc``, see :func:`predicate_row_function` and
+:func:`score_row_function`) into ``int64 f(T *row, b, h, q, k0, n)`` that
+evaluates it over one row's keys ``k0 <= k < k0 + n`` with the user function
+inlined into the loop. The kernel is compiled once per dtype in a "custom"
+variant (serial and parallel, cached on disk like the plain ones) that
+takes the row functions' addresses in a small int64 array and calls them
+once per row through a pointer (``numba_exp.call_row_fn``), so a new
+predicate costs only its own small compilation, never the kernel's. Per row,
+after the kept range ``[lo, hi)`` of ``bounds``:
+
+- a predicate fills a per-thread byte buffer over ``[lo, hi)`` (ANDed with
+  ``keep``), and ``[lo, hi)`` shrinks to its first and last kept key; the
+  row then runs the passes as with a dense ``keep`` (or without one, when
+  no key inside the new range is dropped). A row whose predicate keeps
+  nothing is written as zeros.
+- a score function gets ``z = x*scale + bias`` of the (narrowed) range in a
+  per-thread buffer of the compute dtype, rewrites it in place, and the
+  passes run on that buffer with scale 1 and no bias.
+
+The plain kernels pass ``None`` instead of the array: the custom code is
+then an identity that compiles away.
+
 Memory: outputs of at least :data:`STREAM_MIN_BYTES` are written with
 non-temporal 64-byte line stores (no read-for-ownership of the output), and
 when rows have gaps (padding bounds) the next row's kept range of ``x``
@@ -55,7 +80,17 @@ import numpy as np
 
 from fastmask.kernels import numba_exp as _ne
 
-__all__ = ["LOOP_FASTMATH", "STREAM_MIN_BYTES", "compile", "is_compiled", "masked_softmax_4d"]
+__all__ = [
+    "LOOP_FASTMATH",
+    "STREAM_MIN_BYTES",
+    "compile",
+    "is_compiled",
+    "masked_softmax_4d",
+    "predicate_grid",
+    "predicate_row_function",
+    "score_grid",
+    "score_row_function",
+]
 
 #: Fast-math flags of the row loops and kernels. ``reassoc`` lets the sum
 #: vectorise; no ``nnan``/``ninf`` (``-inf`` and NaN carry the semantics).
@@ -72,6 +107,12 @@ _P_B, _P_H, _P_Q, _P_N = 0, 1, 2, 3
 _P_X, _P_OUT, _P_KEEP, _P_BIAS, _P_BOUNDS = 4, 9, 14, 19, 24  # offset, then 4 strides
 _P_FLAGS, _P_H0, _P_NCHUNKS = 29, 30, 31  # 32 entries in all
 _F_KEEP, _F_BIAS, _F_BOUNDS, _F_INPLACE, _F_STREAM = 1, 2, 4, 8, 16
+# int64 array of the custom kernels: row-function addresses (0: none) and an
+# error slot (0, or 1 + 2*row for a failed predicate, 2 + 2*row for a score)
+_C_PRED, _C_SCORE, _C_ERROR = 0, 1, 2
+_U64_ZERO = np.uint64(0)
+_U64_BYTE_ONES = np.uint64(0x0101010101010101)
+_U64_56 = np.uint64(56)
 
 #: Outputs at least this large are written with non-temporal stores (whole
 #: 64-byte lines that bypass the cache, so they are not read first); smaller
@@ -280,6 +321,94 @@ def _stream_row(op, N, lo, hi, eb, inv, lanes):
         _store_c(op, i, eb[i - lo] * inv if lo <= i < hi else zero)
 
 
+def _zero_row(op, os3, N, stream, ebuf, zero, lanes):
+    """Write a whole output row of zeros."""
+    if stream:
+        _stream_row(op, N, 0, 0, _ne.address(ebuf, 0), zero, lanes)
+    else:
+        _fill(op, os3, 0, N, zero)
+
+
+def _and_into(pp, kp, n):
+    """pp[j] &= kp[j] (both 0/1 bytes)."""
+    for j in range(n):
+        pp[j] = pp[j] & kp[j]
+
+
+def _kept_span(pp, p64, n):
+    """(count, first, last) of the 0/1 bytes ``pp[:n]`` (first = n, last = -1 if none).
+
+    ``p64`` is the same (8-byte aligned) memory as uint64 words: the loop over
+    whole words vectorises (a word's byte sum is the top byte of
+    ``word * 0x0101010101010101``), then at most 7 bytes at each end.
+    """
+    nw = n // 8
+    cnt = _U64_ZERO
+    fw = nw
+    lw = -1
+    for w in range(nw):
+        v = p64[w]
+        cnt += (v * _U64_BYTE_ONES) >> _U64_56
+        fw = min(fw, w if v != _U64_ZERO else nw)
+        lw = max(lw, w if v != _U64_ZERO else -1)
+    count = np.int64(cnt)
+    first = n
+    last = -1
+    if fw < nw:
+        j = fw * 8
+        while pp[j] == 0:
+            j += 1
+        first = j
+    if lw >= 0:
+        j = lw * 8 + 7
+        while pp[j] == 0:
+            j -= 1
+        last = j
+    for j in range(nw * 8, n):
+        if pp[j] != 0:
+            count += 1
+            last = j
+            first = min(first, j)
+    return count, first, last
+
+
+def _score_input(xp, bp, zp, n, sc, hb):
+    """zp[j] = x_j * sc (+ b_j): the scores a score function receives."""
+    if hb:
+        for j in range(n):
+            zp[j] = _load_c(xp, j) * sc + bp[j]
+    else:
+        for j in range(n):
+            zp[j] = _load_c(xp, j) * sc
+
+
+def _emptied(fns, lo, hi):
+    """Whether the row functions left row range ``[lo, hi)`` empty (never without them)."""
+    return lo >= hi
+
+
+def _custom_bufs(fns, N, bias):
+    """Per-thread buffers of the custom kernels; None without.
+
+    ``(pbuf, p8, zbuf)``: the predicate's bytes as uint64 words and as bytes
+    (one buffer), and the scores.
+    """
+    return None, None, None
+
+
+def _custom_row(fns, p, r, b, h, q, lo, hi, xp, kp, bp, sc, hk, hb, inplace, bufs, nxt):
+    """Apply the row functions of ``fns`` to row ``r`` (identity when ``fns`` is None).
+
+    ``nxt``: ``(x, b1, h1, q1, r1, x_unit, xline)``, to prefetch the next row of ``x``.
+
+    Returns ``(lo, hi, xp, kp, bp, sc, hk, hb, inplace)`` for the passes: the
+    range narrowed to the predicate's first and last kept key (``lo >= hi``:
+    nothing kept, or a row function failed and recorded ``r`` in ``fns``),
+    and the operands to read there.
+    """
+    return lo, hi, xp, kp, bp, sc, hk, hb, inplace
+
+
 def _gather(sp, step, dp, n):
     """dp[j] = sp[j*step] for j < n."""
     for j in range(n):
@@ -306,11 +435,12 @@ def _row_range(p, bounds, hd, b, h, q):
     return max(bounds[db], 0), min(bounds[db + p[_P_BOUNDS + 4]], N)
 
 
-def _rows(x, out, keep, bias, bounds, p, scale, r0, r1):
+def _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns):
     """Process rows r0 <= r < r1 (one chunk; scratch buffers are its own).
 
     Below the row loop everything works on typed pointers: no wraparound
-    checks, no reference counting per row.
+    checks, no reference counting per row. ``fns``: None (plain kernels) or
+    the custom kernels' int64 array of row functions.
     """
     H = p[_P_H]
     Q = p[_P_Q]
@@ -344,6 +474,7 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1):
     kbuf = np.empty(0 if (k_unit or not hk) else N, np.uint8)
     bbuf = np.empty(0 if (b_unit or not hb) else N, bias.dtype)
     ebuf = np.empty(N if use_buf else 0, bias.dtype)
+    bufs = _custom_bufs(fns, N, bias)
 
     # (b1, h1, q1) and [lo1, hi1): the next row; the loop walks the indices
     # instead of dividing (divisions cost more than a short row's softmax)
@@ -409,10 +540,19 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1):
                 _gather(_ne.address(bias, bb), bs3, bp, n)
         else:
             bp = _ne.address(bias, 0)
+        # user predicate / score function (custom kernels only)
+        lo, hi, xp, kp, bp, rsc, rhk, rhb, rinplace = _custom_row(
+            fns, p, r, b, h, q, lo, hi, xp, kp, bp, sc, hk, hb, inplace, bufs,
+            (x, b1, h1, q1, r1, x_unit, xline),
+        )  # fmt: skip
+        if _emptied(fns, lo, hi):  # (constant False in the plain kernels)
+            _zero_row(op, os3, N, stream, ebuf, zero, lanes)
+            continue
+        n = hi - lo
 
         if stream:
             ep = _ne.address(ebuf, 0)
-            code, inv = _row_core(xp, kp, bp, ep, n, sc, hk, hb)
+            code, inv = _row_core(xp, kp, bp, ep, n, rsc, rhk, rhb)
             if code == 0:
                 _stream_row(op, N, lo, hi, ep, inv, lanes)
             elif code == 1:
@@ -422,16 +562,16 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1):
             continue
         if use_buf:
             ep = _ne.address(ebuf, 0)
-            code, inv = _row_core(xp, kp, bp, ep, n, sc, hk, hb)
+            code, inv = _row_core(xp, kp, bp, ep, n, rsc, rhk, rhb)
             if code == 0:
                 _scale_store(ep, _ne.address(op, lo * os3), os3, n, inv)
         else:
             oq = _ne.address(op, lo)
-            if inplace:
+            if rinplace:
                 # the same memory as xp: one pointer, not two to check
-                code, inv = _row_core(oq, kp, bp, None, n, sc, hk, hb)
+                code, inv = _row_core(oq, kp, bp, None, n, rsc, rhk, rhb)
             else:
-                code, inv = _row_core(xp, kp, bp, oq, n, sc, hk, hb)
+                code, inv = _row_core(xp, kp, bp, oq, n, rsc, rhk, rhb)
             if code == 0:
                 _scale_inplace(oq, n, inv)
 
@@ -445,7 +585,7 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1):
 
 
 def _kernel_functions(helpers_stamp: str):
-    """The two kernel entry points, as closures over ``helpers_stamp``.
+    """The kernel entry points (plain and custom), as closures over ``helpers_stamp``.
 
     Numba keys a function's disk cache on its own file only, but the kernels
     inline code from ``numba_exp.py``; a closure variable's value is part of
@@ -457,7 +597,7 @@ def _kernel_functions(helpers_stamp: str):
         """All rows in one chunk, no parallel launch."""
         helpers_stamp  # noqa: B018 - keys the disk cache (see above)
         rows = p[_P_B] * p[_P_H] * p[_P_Q]
-        _rows(x, out, keep, bias, bounds, p, scale, 0, rows)
+        _rows(x, out, keep, bias, bounds, p, scale, 0, rows, None)
 
     def kernel_parallel(x, out, keep, bias, bounds, p, scale):
         """min(nthreads, rows) contiguous chunks of rows, one prange iteration each."""
@@ -467,9 +607,25 @@ def _kernel_functions(helpers_stamp: str):
         for c in _prange(nchunks):
             r0 = c * rows // nchunks
             r1 = (c + 1) * rows // nchunks
-            _rows(x, out, keep, bias, bounds, p, scale, r0, r1)
+            _rows(x, out, keep, bias, bounds, p, scale, r0, r1, None)
 
-    return kernel_serial, kernel_parallel
+    def kernel_serial_custom(x, out, keep, bias, bounds, p, scale, fns):
+        """kernel_serial with the row functions of ``fns``."""
+        helpers_stamp  # noqa: B018
+        rows = p[_P_B] * p[_P_H] * p[_P_Q]
+        _rows(x, out, keep, bias, bounds, p, scale, 0, rows, fns)
+
+    def kernel_parallel_custom(x, out, keep, bias, bounds, p, scale, fns):
+        """kernel_parallel with the row functions of ``fns``."""
+        helpers_stamp  # noqa: B018
+        rows = p[_P_B] * p[_P_H] * p[_P_Q]
+        nchunks = min(p[_P_NCHUNKS], rows)
+        for c in _prange(nchunks):
+            r0 = c * rows // nchunks
+            r1 = (c + 1) * rows // nchunks
+            _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns)
+
+    return kernel_serial, kernel_parallel, kernel_serial_custom, kernel_parallel_custom
 
 
 _prange = range  # rebound to numba.prange by _install()
@@ -486,6 +642,10 @@ _JIT_LOOP = (
     "_scale_store",
     "_gather",
     "_stream_row",
+    "_zero_row",
+    "_and_into",
+    "_kept_span",
+    "_score_input",
     "_rows",
 )
 
@@ -496,9 +656,16 @@ _JIT_LOOP = (
 
 _lock = threading.RLock()
 _installed = False
-_kernels: dict[tuple[str, bool], object] = {}
+# (dtype char, parallel) -> plain kernel; (dtype char, parallel, "custom") -> custom kernel
+_kernels: dict[tuple, object] = {}
+
+
+def _key(char: str, parallel: bool, custom: bool) -> tuple:
+    return (char, parallel, "custom") if custom else (char, parallel)
+
+
 _warned_no_cache = False
-_entry_points = None  # (serial, parallel) Python functions, made on first build
+_entry_points = None  # (serial, parallel, serial custom, parallel custom), made on first build
 
 
 def _install() -> None:
@@ -612,6 +779,78 @@ def _install() -> None:
                 return lambda p, j: None
             return lambda p, j: _ne.address(p, j)
 
+        @overload(_emptied, jit_options=jit_options)
+        def _ov_emptied(fns, lo, hi):
+            if isinstance(fns, types.NoneType):
+                return lambda fns, lo, hi: False
+            return lambda fns, lo, hi: lo >= hi
+
+        @overload(_custom_bufs, jit_options=jit_options)
+        def _ov_custom_bufs(fns, N, bias):
+            if isinstance(fns, types.NoneType):
+                return lambda fns, N, bias: (None, None, None)
+
+            def impl(fns, N, bias):
+                pbuf = np.zeros((N + 7) // 8 if fns[_C_PRED] != 0 else 0, np.uint64)
+                zbuf = np.empty(N if fns[_C_SCORE] != 0 else 0, bias.dtype)
+                return pbuf, pbuf.view(np.uint8), zbuf
+
+            return impl
+
+        @overload(_custom_row, jit_options=jit_options)
+        def _ov_custom_row(fns, p, r, b, h, q, lo, hi, xp, kp, bp, sc, hk, hb, inplace, bufs, nxt):
+            if isinstance(fns, types.NoneType):
+
+                def identity(
+                    fns, p, r, b, h, q, lo, hi, xp, kp, bp, sc, hk, hb, inplace, bufs, nxt
+                ):
+                    return lo, hi, xp, kp, bp, sc, hk, hb, inplace
+
+                return identity
+
+            def impl(fns, p, r, b, h, q, lo, hi, xp, kp, bp, sc, hk, hb, inplace, bufs, nxt):
+                pbuf, p8, zbuf = bufs
+                hg = h + p[_P_H0]
+                n = hi - lo
+                pred = fns[_C_PRED]
+                if pred != 0:
+                    pp = _ne.address(p8, 0)
+                    if _ne.call_row_fn(pred, pp, b, hg, q, lo, n) != 0:
+                        fns[_C_ERROR] = 1 + 2 * r
+                        return lo, lo, xp, kp, bp, sc, hk, hb, inplace
+                    if hk:
+                        _and_into(pp, kp, n)
+                    cnt, first, last = _kept_span(pp, _ne.address(pbuf, 0), n)
+                    if cnt == 0:
+                        return lo, lo, xp, kp, bp, sc, hk, hb, inplace
+                    xp = _ne.address(xp, first)
+                    bp = _ne.address(bp, first)
+                    kp = _ne.address(pp, first)
+                    hk = cnt < last + 1 - first  # dropped keys left inside the range
+                    hi = lo + last + 1
+                    lo = lo + first
+                    narrowed = hi - lo < n
+                    n = hi - lo
+                    x, b1, h1, q1, r1, x_unit, xline = nxt
+                    if narrowed and x_unit and r + 1 < r1:
+                        # Narrowed rows defeat the hardware prefetchers, and the next
+                        # row's range is not known before its predicate has run: ask
+                        # for this row's range of the next row (predicates change
+                        # little from one query to the next).
+                        xn = _ne.address(x, _offset(p, _P_X, b1, h1, q1))
+                        _prefetch_read(xn, lo, hi, xline)
+                score = fns[_C_SCORE]
+                if score != 0:
+                    zp = _ne.address(zbuf, 0)
+                    _score_input(xp, bp, zp, n, sc, hb)
+                    if _ne.call_row_fn(score, zp, b, hg, q, lo, n) != 0:
+                        fns[_C_ERROR] = 2 + 2 * r
+                        return lo, lo, xp, kp, bp, sc, hk, hb, inplace
+                    return lo, hi, zp, kp, bp, _cval(bp, 1.0), hk, False, False
+                return lo, hi, xp, kp, bp, sc, hk, hb, inplace
+
+            return impl
+
         g = globals()
         for name in _JIT_LOOP:
             g[name] = numba.njit(fastmath=flags)(g[name])
@@ -619,7 +858,7 @@ def _install() -> None:
         _installed = True
 
 
-def _signature(dtype: np.dtype):
+def _signature(dtype: np.dtype, custom: bool = False):
     from numba.core import types
 
     st = types.float32 if dtype == np.float32 else types.float64
@@ -630,7 +869,7 @@ def _signature(dtype: np.dtype):
     def ro(t):
         return types.Array(t, 1, "C", readonly=True)
 
-    return types.void(
+    args = [
         ro(st),  # x       IN
         types.Array(st, 1, "C"),  # out OUT
         ro(types.uint8),  # keep    IN (bool bytes)
@@ -638,20 +877,27 @@ def _signature(dtype: np.dtype):
         ro(types.int64),  # bounds  IN
         ro(types.int64),  # params  IN
         types.float64,  # scale   IN
-    )
+    ]
+    if custom:
+        args.append(types.Array(types.int64, 1, "C"))  # fns  IN (addresses) / OUT (error)
+    return types.void(*args)
 
 
-def _get_kernel(dtype: np.dtype, parallel: bool):
+def _get_kernel(dtype: np.dtype, parallel: bool, custom: bool = False):
     """The kernel for ``dtype``; the first use of a dtype loads both variants."""
-    k = _kernels.get((dtype.char, parallel))
+    k = _kernels.get(_key(dtype.char, parallel, custom))
     if k is None:
-        compile(dtype)
-        k = _kernels[(dtype.char, parallel)]
+        if custom:  # only the variant needed (the plain ones come in pairs)
+            with _lock:
+                _build(_check_dtype(dtype), parallel, True)
+        else:
+            compile(dtype)
+        k = _kernels[_key(dtype.char, parallel, custom)]
     return k
 
 
-def _build(dtype: np.dtype, parallel: bool) -> None:
-    key = (dtype.char, parallel)
+def _build(dtype: np.dtype, parallel: bool, custom: bool = False) -> None:
+    key = _key(dtype.char, parallel, custom)
     if key in _kernels:
         return
     _install()
@@ -665,10 +911,10 @@ def _build(dtype: np.dtype, parallel: bool) -> None:
         except OSError:  # no source next to the module: nothing to track
             stamp = ""
         _entry_points = _kernel_functions(stamp)
-    fn = _entry_points[1] if parallel else _entry_points[0]
+    fn = _entry_points[2 * custom + parallel]
     options = {"parallel": parallel, "fastmath": set(LOOP_FASTMATH)}
     try:
-        _kernels[key] = numba.njit(_signature(dtype), cache=True, **options)(fn)
+        _kernels[key] = numba.njit(_signature(dtype, custom), cache=True, **options)(fn)
     except RuntimeError as exc:
         if "cannot cache" not in str(exc):
             raise
@@ -682,7 +928,7 @@ def _build(dtype: np.dtype, parallel: bool) -> None:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        _kernels[key] = numba.njit(_signature(dtype), cache=False, **options)(fn)
+        _kernels[key] = numba.njit(_signature(dtype, custom), cache=False, **options)(fn)
 
 
 def _check_dtype(dtype) -> np.dtype:
@@ -695,7 +941,7 @@ def _check_dtype(dtype) -> np.dtype:
     return dt
 
 
-def compile(dtype) -> None:
+def compile(dtype, custom: bool = False) -> None:
     """Compile (or load from Numba's disk cache) both kernels for ``dtype``.
 
     The serial and the parallel kernel; :func:`masked_softmax_4d` does this
@@ -705,6 +951,9 @@ def compile(dtype) -> None:
     ----------
     dtype : dtype-like
         float16, float32 or float64 (the dtype of ``x``).
+    custom : bool
+        The variants that run user predicates and score functions (used by
+        the first call that has one) instead of the plain ones.
 
     Raises
     ------
@@ -713,13 +962,19 @@ def compile(dtype) -> None:
     """
     dt = _check_dtype(dtype)
     with _lock:
-        _build(dt, False)
-        _build(dt, True)
+        _build(dt, False, custom)
+        _build(dt, True, custom)
 
 
-def is_compiled(dtype) -> bool:
-    """True once both kernels (serial and parallel) for ``dtype`` are loaded here."""
+def is_compiled(dtype, custom: bool = False) -> bool:
+    """True once both kernels (serial and parallel) for ``dtype`` are loaded here.
+
+    ``custom``: whether a variant that runs user predicates and score
+    functions is loaded (those are built one at a time, when first needed).
+    """
     dt = _check_dtype(dtype)
+    if custom:
+        return _key(dt.char, False, True) in _kernels or _key(dt.char, True, True) in _kernels
     return (dt.char, False) in _kernels and (dt.char, True) in _kernels
 
 
@@ -793,7 +1048,9 @@ def _flat(a: np.ndarray, view_dtype=None) -> tuple[np.ndarray, tuple]:
     return f, geo
 
 
-def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> None:
+def masked_softmax_4d(
+    x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate=None, score=None
+) -> None:
     """Masked softmax over the last axis of a 4-D ``(B, H, Q, N)`` array.
 
     Parameters
@@ -817,10 +1074,16 @@ def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> N
         ``[0, N)``) can be kept; the others are never read and are written 0.
         Any strides.
     h0 : int
-        Global index of head 0 (reserved for per-head strategies).
+        Global index of head 0: row functions see head ``h0 + h``.
     nthreads : int
         1 runs the serial kernel; otherwise ``min(nthreads, rows)`` chunks of
         rows run in a ``prange`` (the caller configures Numba's threads).
+    predicate, score : object, optional
+        A user predicate / score function (``fastmask.masks.custom``): an
+        object with ``row_function(compute_dtype)``, the address of its row
+        function (:func:`predicate_row_function`, :func:`score_row_function`),
+        and ``row_failed(b, h, q, n)``, which raises the error of a row on
+        which the row function failed. With either, the custom kernels run.
 
     Notes
     -----
@@ -829,6 +1092,11 @@ def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> N
     zeros. A kept NaN or ``+inf``: the whole row is NaN. Otherwise
     ``exp(z - m) / sum``, exactly 0 on masked keys. float16 is computed in
     float32 and rounded to nearest even.
+
+    With a predicate, keys it drops are masked like ``keep4`` False; with a
+    score function, ``z`` is replaced by ``score(z, b, h0 + h, q, k)`` before
+    masking. If a row function fails on some row, the kernel finishes (that
+    row is written as zeros) and ``row_failed`` raises afterwards.
 
     Compiles the kernels for ``x4``'s dtype on first use (see :func:`compile`).
     """
@@ -846,7 +1114,7 @@ def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> N
         and (bias4 is None or bias4.flags.aligned)
         and (bounds4 is None or bounds4.flags.aligned)
     ):
-        _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads)
+        _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate, score)
         return
     xf, xg = _flat(x4, view)
     of, og = _flat(out4, view)
@@ -872,6 +1140,18 @@ def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> N
         flags |= _F_STREAM
     nchunks = min(nthreads, rows)
     params = np.array((B, H, Q, N, *xg, *og, *kg, *bg, *dg, flags, h0, nchunks), dtype=np.int64)
+    if predicate is not None or score is not None:
+        fns = np.zeros(3, np.int64)
+        if predicate is not None:
+            fns[_C_PRED] = predicate.row_function(ctype)
+        if score is not None:
+            fns[_C_SCORE] = score.row_function(ctype)
+        _get_kernel(x4.dtype, nchunks > 1, True)(xf, of, kf, bf, df, params, float(scale), fns)
+        if fns[_C_ERROR]:
+            which, r = (fns[_C_ERROR] - 1) % 2, (fns[_C_ERROR] - 1) // 2
+            failed = predicate if which == 0 else score
+            failed.row_failed(r // (H * Q), h0 + (r // Q) % H, r % Q, N)
+        return
     kern = _kernels.get((x4.dtype.char, nchunks > 1))
     if kern is None:
         kern = _get_kernel(x4.dtype, nchunks > 1)
@@ -881,7 +1161,9 @@ def masked_softmax_4d(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> N
 _NO_GEO = (0, 0, 0, 0, 0)
 
 
-def _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> None:
+def _unaligned(
+    x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate=None, score=None
+) -> None:
     """Operands not aligned to their itemsize (rare): run on aligned copies."""
 
     def aligned(a):
@@ -889,7 +1171,186 @@ def _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads) -> None:
 
     out = out4 if out4.flags.aligned else np.empty(out4.shape, out4.dtype)
     masked_softmax_4d(
-        aligned(x4), out, scale, keep4, aligned(bias4), aligned(bounds4), h0, nthreads
-    )
+        aligned(x4), out, scale, keep4, aligned(bias4), aligned(bounds4), h0, nthreads,
+        predicate, score,
+    )  # fmt: skip
     if out is not out4:
         np.copyto(out4, out)
+
+
+# ==========================================================================
+# user functions: row functions and whole-grid evaluation
+# ==========================================================================
+
+
+def predicate_row_function(pred):
+    """Compile a predicate into a row function (a Numba ``cfunc``).
+
+    Parameters
+    ----------
+    pred : numba dispatcher
+        ``pred(b, h, q, k) -> bool`` (all int64).
+
+    Returns
+    -------
+    cfunc
+        ``int64 row(uint8 *keep, b, h, q, k0, n)``: ``keep[j] = pred(b, h, q,
+        k0 + j)`` for ``j < n``; returns 0, or 1 if ``pred`` raised. Its
+        ``.address`` goes to the kernels; keep the object alive meanwhile.
+
+    Raises
+    ------
+    TypeError
+        When Numba cannot compile ``pred`` for int64 indices;
+        :class:`ReturnTypeError` when it types its result as something other
+        than a bool.
+    """
+    _install()
+    import numba
+    from numba.core import types
+
+    i64 = types.int64
+    rtype = _compiled_return_type(pred, (i64, i64, i64, i64))
+    if not isinstance(rtype, types.Boolean):
+        raise ReturnTypeError(f"must return a bool, but Numba types its result as {rtype}")
+
+    def row(keep, b, h, q, k0, n):
+        try:
+            for j in range(n):
+                keep[j] = pred(b, h, q, k0 + j)
+        except Exception:
+            return 1
+        return 0
+
+    return numba.cfunc(types.int64(types.CPointer(types.uint8), i64, i64, i64, i64, i64))(row)
+
+
+def score_row_function(fn, compute_dtype):
+    """Compile a score function into a row function of ``compute_dtype``.
+
+    Parameters
+    ----------
+    fn : numba dispatcher
+        ``fn(score, b, h, q, k) -> score`` (score in the compute dtype,
+        indices int64; the result is converted to the compute dtype).
+    compute_dtype : dtype
+        float32 or float64.
+
+    Returns
+    -------
+    cfunc
+        ``int64 row(T *z, b, h, q, k0, n)``: ``z[j] = fn(z[j], b, h, q,
+        k0 + j)`` for ``j < n``; returns 0, or 1 if ``fn`` raised.
+
+    Raises
+    ------
+    TypeError
+        When Numba cannot compile ``fn``; :class:`ReturnTypeError` when its
+        result is not a number.
+    """
+    _install()
+    import numba
+    from numba.core import types
+
+    ct = np.dtype(compute_dtype)
+    nt = types.float64 if ct == np.float64 else types.float32
+    cast = np.float64 if ct == np.float64 else np.float32
+    i64 = types.int64
+    rtype = _compiled_return_type(fn, (nt, i64, i64, i64, i64))
+    if not isinstance(rtype, (types.Float, types.Integer)) or isinstance(rtype, types.Boolean):
+        raise ReturnTypeError(
+            f"must return the new score (a number), but Numba types its result as {rtype}"
+        )
+
+    def row(z, b, h, q, k0, n):
+        try:
+            for j in range(n):
+                z[j] = cast(fn(z[j], b, h, q, k0 + j))
+        except Exception:
+            return 1
+        return 0
+
+    return numba.cfunc(types.int64(types.CPointer(nt), i64, i64, i64, i64, i64))(row)
+
+
+class ReturnTypeError(TypeError):
+    """A user function whose result Numba types as the wrong kind of value."""
+
+
+def _compiled_return_type(dispatcher, argtypes):
+    """Compile ``dispatcher`` for ``argtypes``; the return type Numba inferred."""
+    dispatcher.compile(argtypes)
+    for sig in dispatcher.nopython_signatures:
+        if tuple(sig.args) == tuple(argtypes):
+            return sig.return_type
+    raise TypeError(f"Numba compiled no version for {argtypes}")  # not expected
+
+
+_grids = None  # (predicate grid, score grid) dispatchers, compiled on first use
+_grids_ready = [False, False]  # whether each has run (compiled) in this process
+
+
+def grids_ready() -> bool:
+    """True once :func:`predicate_grid` and :func:`score_grid` have been compiled here."""
+    return all(_grids_ready)
+
+
+def _grid_functions():
+    global _grids
+    if _grids is None:
+        _install()
+        import numba
+
+        def pred_grid(addr, keep, h0):
+            B, H, Q, N = keep.shape
+            flat = keep.reshape(-1)
+            r = 0
+            for b in range(B):
+                for h in range(H):
+                    for q in range(Q):
+                        if _ne.call_row_fn(addr, _ne.address(flat, r * N), b, h0 + h, q, 0, N):
+                            return r
+                        r += 1
+            return -1
+
+        def score_grid(addr, z, h0):
+            B, H, Q, N = z.shape
+            flat = z.reshape(-1)
+            r = 0
+            for b in range(B):
+                for h in range(H):
+                    for q in range(Q):
+                        if _ne.call_row_fn(addr, _ne.address(flat, r * N), b, h0 + h, q, 0, N):
+                            return r
+                        r += 1
+            return -1
+
+        _grids = (numba.njit(pred_grid), numba.njit(score_grid))
+    return _grids
+
+
+def predicate_grid(row_fn, shape4, h0=0):
+    """Evaluate a predicate's row function over a whole ``(B, H, Q, N)`` grid.
+
+    Returns ``(keep, failed)``: the bool array, and the first row (flat index
+    over ``(B, H, Q)``) on which the row function failed, or -1.
+    """
+    keep = np.zeros(shape4, np.uint8)
+    if keep.size == 0:
+        return keep.view(np.bool_), -1
+    failed = _grid_functions()[0](row_fn.address, keep, h0)
+    _grids_ready[0] = True
+    return keep.view(np.bool_), int(failed)
+
+
+def score_grid(row_fn, z4, h0=0):
+    """Apply a score function's row function in place to C-contiguous ``(B, H, Q, N)`` ``z4``.
+
+    ``z4`` is in the row function's compute dtype. Returns the first row on
+    which it failed, or -1.
+    """
+    if z4.size == 0:
+        return -1
+    failed = _grid_functions()[1](row_fn.address, z4, h0)
+    _grids_ready[1] = True
+    return int(failed)

@@ -2,8 +2,9 @@
 
 A strategy says, for logits of shape ``(..., Lq, Lk)``, which keys each query
 row keeps. It hands the kernels a :class:`MaskPlan`: per-row kept intervals
-``[lo, hi)`` where it can (the kernels then loop only over kept keys), and a
-dense boolean array only where the user gave one.
+``[lo, hi)`` where it can (the kernels then loop only over kept keys), a
+dense boolean array only where the user gave one, and user predicates and
+score functions compiled with Numba (:mod:`fastmask.masks.custom`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,22 @@ class MaskPlan:
         Dense keep-mask broadcastable to the logits (user-given dense masks only).
     lo, hi : ndarray of int64 or None
         Kept key interval ``[lo, hi)`` per row, broadcastable to ``(B, H, Q)``.
+    predicate : fastmask.masks.custom.Predicate or None
+        A user predicate ``f(b, h, q_idx, k_idx) -> bool`` (keys it drops are
+        masked, inside the interval).
+    score : fastmask.masks.custom.ScoreFunction or None
+        A user score modifier ``f(score, b, h, q_idx, k_idx) -> score``,
+        applied after scale and bias, before masking.
+
+    Only backends that can run compiled user code serve plans with a
+    ``predicate`` or ``score`` (see :attr:`MaskStrategy.compiled`).
     """
 
     keep: np.ndarray | None = None
     lo: np.ndarray | None = None
     hi: np.ndarray | None = None
+    predicate: Any = None
+    score: Any = None
 
     def __and__(self, other: MaskPlan) -> MaskPlan:
         if self.keep is None:
@@ -64,7 +76,14 @@ class MaskPlan:
             lo, hi = self.lo, self.hi
         else:
             lo, hi = np.maximum(self.lo, other.lo), np.minimum(self.hi, other.hi)
-        return MaskPlan(keep, lo, hi)
+        predicate, score = self.predicate, self.score
+        if other.predicate is not None or other.score is not None:
+            from .custom import all_predicates, compose_scores
+
+            # one compiled AND of the predicates; the score functions left to right
+            predicate = all_predicates(predicate, other.predicate)
+            score = compose_scores(score, other.score)
+        return MaskPlan(keep, lo, hi, predicate, score)
 
 
 class MaskStrategy:
@@ -77,6 +96,10 @@ class MaskStrategy:
 
     #: True when the strategy is defined on ``(..., Lq, Lk)`` with the softmax axis last.
     structured: bool = True
+    #: True when :meth:`plan` may carry a user predicate or score function
+    #: (compiled with Numba): only backends that run those can serve it.
+    #: Strategies built on :func:`fastmask.masks.predicate` / ``score`` set it.
+    compiled: bool = False
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:
         """Return the :class:`MaskPlan` for logits of ``shape`` (validated)."""
@@ -120,6 +143,7 @@ class AllOf(MaskStrategy):
             flat.extend(p.parts if isinstance(p, AllOf) else (p,))
         self.parts = tuple(flat)
         self.structured = any(p.structured for p in self.parts)
+        self.compiled = any(p.compiled for p in self.parts)
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:
         result = MaskPlan()

@@ -56,6 +56,10 @@ class CudaBackend(Backend):
         return request.size * item * 3.0  # two reads of x (the second mostly from L2), one write
 
     def check(self, request) -> Verdict:
+        from fastmask.masks.custom import runs_user_code
+
+        if runs_user_code(request):
+            return Verdict.no("custom predicates and score functions run in the numba backend")
         bad = _operands_ok(request.x4, request.out4, request.keep4, request.bias4)
         if bad:
             return Verdict.no(bad)
