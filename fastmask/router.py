@@ -114,15 +114,31 @@ def _cheapest(candidates: list[Candidate]) -> str | None:
 
 
 def forced(name: str, request: SoftmaxRequest) -> Backend:
-    """The backend called ``name``, if it can serve ``request``; else a clear error."""
+    """The backend called ``name``, if it can serve ``request``; else a clear error.
+
+    An accepted forced call is cached like a routed one, so forcing costs no more
+    than routing on a repeat call.
+    """
+    cache_key = (name, request.key) if isinstance(name, str) else None
+    backend = _cache.get(cache_key)
+    if backend is not None:
+        return backend
     table = plugins.backends()
-    if not isinstance(name, str) or name not in table:
+    if cache_key is None or name not in table:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(table)}")
     backend = table[name]
     v = _verdict(backend, request)
     if not v.ok:
         raise ValueError(f"backend {name!r} cannot serve this call: {v.reason}")
+    _remember(cache_key, backend)
     return backend
+
+
+def _remember(key: tuple, backend: Backend) -> None:
+    with _lock:
+        if len(_cache) >= MAX_CACHED_DECISIONS:
+            _cache.clear()
+        _cache[key] = backend
 
 
 def choose(request: SoftmaxRequest) -> Backend:
@@ -136,10 +152,7 @@ def choose(request: SoftmaxRequest) -> Backend:
         reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)
         raise ValueError(f"no backend can serve this call ({reasons})")
     backend = plugins.backends()[name]
-    with _lock:
-        if len(_cache) >= MAX_CACHED_DECISIONS:
-            _cache.clear()
-        _cache[request.key] = backend
+    _remember(request.key, backend)
     return backend
 
 
