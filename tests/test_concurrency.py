@@ -137,3 +137,25 @@ def test_numba_threading_layer_is_fork_safe():
     x = np.zeros((4, 64, 1024), np.float32)
     numba_softmax.masked_softmax_4d(x[None], np.empty_like(x)[None], 1.0, None, None, None, 0, 2)
     assert numba.threading_layer() == "workqueue"
+
+
+def test_attention_from_many_python_threads(backend):
+    if backend == "numpy":
+        pytest.skip("the reference backend runs no threads of its own")
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 4, 64, 32)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 96, 32)).astype(np.float32)  # grouped-query heads
+    v = rng.standard_normal((2, 2, 96, 16)).astype(np.float32)
+    strategies = [masks.causal(align="bottom-right"), masks.padding([96, 40]), None]
+    expected = [fm.attention(q, k, v, m, backend=backend) for m in strategies]
+
+    def worker(seed: int) -> int:
+        bad = 0
+        for call in range(200):
+            i = (seed + call) % len(strategies)
+            out = fm.attention(q, k, v, strategies[i], backend=backend)
+            bad += not np.allclose(out, expected[i], atol=1e-6, rtol=1e-5)
+        return bad
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(worker, range(16))) == 0

@@ -9,6 +9,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+OPTIONAL = {"dask": "dask", "distributed": "dask", "torch": "bench"}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -16,7 +17,14 @@ def test_page_examples_run(page, capsys):
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     namespace: dict = {"__name__": f"docs.{page.stem}"}
     for i, code in enumerate(blocks):
-        exec(compile(code, f"{page.name} [block {i + 1}]", "exec"), namespace)
+        try:
+            exec(compile(code, f"{page.name} [block {i + 1}]", "exec"), namespace)
+        except ModuleNotFoundError as exc:
+            if exc.name in OPTIONAL:  # pages about optional extras need them installed
+                pytest.skip(
+                    f"{page.name} needs {exc.name}: pip install 'fastmask[{OPTIONAL[exc.name]}]'"
+                )
+            raise
 
 
 def test_figures_script_draws_every_picture(tmp_path):
