@@ -129,6 +129,7 @@ from .request import (
     FLOAT_DTYPES,
     _scale,
     mask_dtype_error,
+    softmax_axis,
     structured_axis_error,
 )
 from .threads import available_cpus, get_num_threads, set_num_threads
@@ -971,14 +972,7 @@ def masked_softmax(
     xd = _as_dask(x, "x")
     _check_float_dtype(xd.dtype, "x (the logits)", "Convert first, e.g. x.astype(numpy.float32).")
     nd = xd.ndim
-    if nd == 0:
-        raise ValueError("x must have at least one axis (the softmax axis); got a 0-d array")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int; got {axis!r}")
-    ax = int(axis)
-    if not -nd <= ax < nd:
-        raise np.exceptions.AxisError(ax, nd)
-    ax %= nd
+    ax = softmax_axis(axis, nd)
     s = _scale(scale)
     threads = _check_threads(threads)
     strategy, dense = _split_mask(mask)

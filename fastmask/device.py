@@ -30,7 +30,6 @@ Routing goes through the same router as host calls: CPU backends do not list
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +49,7 @@ from .request import (
     as_array,
     device_array_error,
     mask_dtype_error,
+    softmax_axis,
     structured_axis_error,
 )
 
@@ -377,14 +377,7 @@ def prepare(
     if not xs.dtype.isnative:
         raise TypeError(f"x is a non-native byte order device array ({xs.dtype})")
     nd = xs.ndim
-    if nd == 0:
-        raise ValueError("x must have at least one axis (the softmax axis); got a 0-d array")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int; got {axis!r}")
-    ax = int(axis)
-    if not -nd <= ax < nd:
-        raise np.exceptions.AxisError(ax, nd)
-    ax %= nd
+    ax = softmax_axis(axis, nd)
     s = _scale(scale)
     shape = xs.shape
 

@@ -125,6 +125,18 @@ def _check_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
     return a
 
 
+def softmax_axis(axis: Any, nd: int) -> int:
+    """Validate ``axis`` for logits with ``nd`` dimensions; return it as 0..nd-1."""
+    if nd == 0:
+        raise ValueError("x must have at least one axis (the softmax axis); got a 0-d array")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {axis!r}")
+    ax = int(axis)
+    if not -nd <= ax < nd:
+        raise np.exceptions.AxisError(ax, nd)
+    return ax % nd
+
+
 def _scale(scale: Any) -> float:
     if scale is None:
         return 1.0
@@ -252,14 +264,7 @@ def build_softmax_requests(
         as_array(x, "x"), "x (the logits)", "Convert first, e.g. x.astype(numpy.float32)."
     )
     nd = xa.ndim
-    if nd == 0:
-        raise ValueError("x must have at least one axis (the softmax axis); got a 0-d array")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int; got {axis!r}")
-    ax = int(axis)
-    if not -nd <= ax < nd:
-        raise np.exceptions.AxisError(ax, nd)
-    ax %= nd
+    ax = softmax_axis(axis, nd)
     s = _scale(scale)
 
     strategy: MaskStrategy | None
