@@ -40,7 +40,7 @@ class CythonBackend(Backend):
     ops = frozenset({"masked_softmax", "attention"})
     description = "Cython + OpenMP kernels (compiled at install, no warm-up)"
 
-    #: Cost model in microseconds, calibrated with benchmarks/bench_softmax.py.
+    #: Cost model in microseconds, rough, from the W1 and tiny workloads of `fastmask bench`.
     OVERHEAD_US = 1.0
     PER_ELEMENT_US = 0.00022
 

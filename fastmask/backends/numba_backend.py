@@ -50,7 +50,7 @@ class NumbaBackend(Backend):
     ops = frozenset({"masked_softmax", "attention"})
     description = "Numba parallel kernels (JIT, cached on disk)"
 
-    #: Cost model in microseconds, calibrated with benchmarks/bench_softmax.py.
+    #: Cost model in microseconds, rough, from the W1 and tiny workloads of `fastmask bench`.
     OVERHEAD_US = 6.0
     PER_ELEMENT_US = 0.00022
     #: Loading (or compiling) the kernels for a dtype the first time in a process.
