@@ -42,6 +42,7 @@ from .masks.dense import DenseMask
 from .request import (
     _COMPUTE,
     FLOAT_DTYPES,
+    Rows4D,
     _bounds4,
     _check_float,
     _mask_key,
@@ -230,7 +231,7 @@ class Strided:
 
 
 @dataclass(frozen=True)
-class DeviceSoftmaxRequest:
+class DeviceSoftmaxRequest(Rows4D):
     """One masked-softmax call on device arrays, as backends see it.
 
     The device twin of :class:`fastmask.request.SoftmaxRequest`: the same fields,
@@ -253,23 +254,6 @@ class DeviceSoftmaxRequest:
     strategy: MaskStrategy | None
     key: tuple
     device: str = "cuda"
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.x4.dtype
-
-    @property
-    def shape4(self) -> tuple[int, int, int, int]:
-        return self.x4.shape  # type: ignore[return-value]
-
-    @property
-    def rows(self) -> int:
-        b, h, q, _ = self.x4.shape
-        return b * h * q
-
-    @property
-    def size(self) -> int:
-        return self.x4.size
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,29 @@ _F16, _F32, _F64 = FLOAT_DTYPES
 _COMPUTE = {_F16: _F32, _F32: _F32, _F64: _F64}
 
 
+class Rows4D:
+    """Derived sizes of a request whose logits ``x4`` are ``(B, H, Q, N)`` (host or device)."""
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.x4.dtype
+
+    @property
+    def shape4(self) -> tuple[int, int, int, int]:
+        return self.x4.shape  # type: ignore[return-value]
+
+    @property
+    def rows(self) -> int:
+        b, h, q, _ = self.x4.shape
+        return b * h * q
+
+    @property
+    def size(self) -> int:
+        return self.x4.size
+
+
 @dataclass(frozen=True)
-class SoftmaxRequest:
+class SoftmaxRequest(Rows4D):
     """One masked-softmax call, as backends see it.
 
     Attributes
@@ -71,23 +92,6 @@ class SoftmaxRequest:
     key: tuple
     predicate: Any = None
     score: Any = None
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.x4.dtype
-
-    @property
-    def shape4(self) -> tuple[int, int, int, int]:
-        return self.x4.shape  # type: ignore[return-value]
-
-    @property
-    def rows(self) -> int:
-        b, h, q, _ = self.x4.shape
-        return b * h * q
-
-    @property
-    def size(self) -> int:
-        return self.x4.size
 
 
 def device_array_error(what: str) -> TypeError:

@@ -71,7 +71,7 @@ class NumbaBackend(Backend):
             return v
         n = threads_for(request.size, request.rows)
         cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
-        custom = request.predicate is not None or request.score is not None
+        custom = runs_user_code(request)
         if _kernels is None or not _kernels.is_compiled(request.dtype, custom):
             return Verdict(True, f"{n} thread(s), JIT warm-up first", cost + self.WARMUP_US)
         return Verdict(True, f"{n} thread(s)" + (", fused user functions" if custom else ""), cost)
@@ -79,7 +79,7 @@ class NumbaBackend(Backend):
     def masked_softmax(self, request) -> None:
         kernels = _load()
         user_fns = {"predicate": request.predicate, "score": request.score}
-        custom = request.predicate is not None or request.score is not None
+        custom = runs_user_code(request)
         warm = kernels.is_compiled(request.dtype, custom)
         n = threads_for(request.size, request.rows)
         args = (

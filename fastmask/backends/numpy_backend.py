@@ -57,7 +57,7 @@ class NumpyBackend(Backend):
 
     def masked_softmax(self, request) -> None:
         x, keep, bias, scale = request.x4, _dense_keep(request), request.bias4, request.scale
-        if request.predicate is not None or request.score is not None:
+        if custom.runs_user_code(request):
             x, keep, bias, scale = custom.reference_operands(request, keep)
         y = masked_softmax_reference(x, keep=keep, bias=bias, scale=scale, dtype=np.float64)
         np.copyto(request.out4, y, casting="unsafe")
