@@ -56,6 +56,9 @@ cdef extern from "_softmax_row.h" nogil:
     ctypedef void (*fm_row_fn)(const fm_row_args *a, const char *x, char *o, const char *k,
                                const char *b, Py_ssize_t lo, Py_ssize_t hi,
                                char *scratch) noexcept nogil
+    ctypedef void (*fm_row2_fn)(const fm_row_args *a, const char *x0, char *o0, Py_ssize_t lo0,
+                                Py_ssize_t hi0, const char *x1, char *o1, Py_ssize_t lo1,
+                                Py_ssize_t hi1, char *scratch) noexcept nogil
     ctypedef void (*fm_map_f32_fn)(const float *inp, float *out, Py_ssize_t n) noexcept nogil
     ctypedef void (*fm_map_f64_fn)(const double *inp, double *out, Py_ssize_t n) noexcept nogil
     ctypedef void (*fm_h2f_fn)(const uint16_t *inp, float *out, Py_ssize_t n) noexcept nogil
@@ -82,6 +85,7 @@ cdef extern from "_softmax_row.h" nogil:
     int fm_isa_current()
     const fm_isa_t *fm_isa()
     fm_row_fn fm_row_for(int dtype_code)
+    fm_row2_fn fm_row2_for(int dtype_code, const fm_row_args *a)
     int FM_X86_MV
 
 
@@ -89,6 +93,7 @@ cdef extern from "_softmax_row.h" nogil:
 ctypedef struct _plan:
     fm_row_args args
     fm_row_fn fn
+    fm_row2_fn fn2  # two plain short rows at once, or NULL
     const char *x
     char *o
     const char *k
@@ -125,33 +130,67 @@ cdef inline Py_ssize_t _clip(int64_t v, Py_ssize_t n) noexcept nogil:
     return <Py_ssize_t>v
 
 
-cdef inline void _softmax_row(const _plan *p,   # IN  the call's arrays and strides
-                              Py_ssize_t r,     # IN  flat row index over (B, H, Q)
-                              char *scratch     # scratch rows of the running thread
-                              ) noexcept nogil:
-    # OUT p.o row r: its masked softmax.
-    cdef Py_ssize_t q = r % p.Q
-    cdef Py_ssize_t t = r // p.Q
-    cdef Py_ssize_t h = t % p.H
-    cdef Py_ssize_t b = t // p.H
-    cdef Py_ssize_t n = p.args.n
-    cdef Py_ssize_t lo = 0
-    cdef Py_ssize_t hi = n
+cdef inline void _row_span(const _plan *p, Py_ssize_t b, Py_ssize_t h, Py_ssize_t q,
+                           Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
+    # OUT lo, hi: row (b, h, q)'s kept span from the bounds (all keys without them).
     cdef const char *bp
-    cdef const char *kr = NULL
-    cdef const char *br = NULL
+    lo[0] = 0
+    hi[0] = p.args.n
     if p.bnd != NULL:
         bp = p.bnd + b * p.dst[0] + h * p.dst[1] + q * p.dst[2]
-        lo = _clip((<const int64_t *>bp)[0], n)
-        hi = _clip((<const int64_t *>(bp + p.dst[3]))[0], n)
-    if p.k != NULL:
-        kr = p.k + b * p.kst[0] + h * p.kst[1] + q * p.kst[2]
-    if p.b != NULL:
-        br = p.b + b * p.bst[0] + h * p.bst[1] + q * p.bst[2]
-    p.fn(&p.args,
-         p.x + b * p.xst[0] + h * p.xst[1] + q * p.xst[2],
-         p.o + b * p.ost[0] + h * p.ost[1] + q * p.ost[2],
-         kr, br, lo, hi, scratch)
+        lo[0] = _clip((<const int64_t *>bp)[0], p.args.n)
+        hi[0] = _clip((<const int64_t *>(bp + p.dst[3]))[0], p.args.n)
+
+
+cdef inline void _softmax_rows(const _plan *p,   # IN  the call's arrays and strides
+                               Py_ssize_t r0,    # IN  first flat row over (B, H, Q)
+                               Py_ssize_t r1,    # IN  one past the last row
+                               char *scratch     # scratch rows of the running thread
+                               ) noexcept nogil:
+    # OUT p.o rows [r0, r1): their masked softmax. The row index is split into
+    # (b, h, q) once and then counted up: two divisions per row cost as much as
+    # the softmax of a short row.
+    cdef Py_ssize_t q = r0 % p.Q
+    cdef Py_ssize_t t = r0 // p.Q
+    cdef Py_ssize_t h = t % p.H
+    cdef Py_ssize_t b = t // p.H
+    cdef Py_ssize_t r, lo, hi, lo2, hi2
+    cdef const char *xr
+    cdef char *orow
+    cdef const char *kr = NULL
+    cdef const char *br = NULL
+    cdef bint pending = False  # a short row waiting for its pair
+    for r in range(r0, r1):
+        _row_span(p, b, h, q, &lo, &hi)
+        if p.fn2 != NULL:
+            if pending:
+                p.fn2(&p.args, xr, orow, lo2, hi2,
+                      p.x + b * p.xst[0] + h * p.xst[1] + q * p.xst[2],
+                      p.o + b * p.ost[0] + h * p.ost[1] + q * p.ost[2], lo, hi, scratch)
+            else:
+                xr = p.x + b * p.xst[0] + h * p.xst[1] + q * p.xst[2]
+                orow = p.o + b * p.ost[0] + h * p.ost[1] + q * p.ost[2]
+                lo2 = lo
+                hi2 = hi
+            pending = not pending
+        else:
+            if p.k != NULL:
+                kr = p.k + b * p.kst[0] + h * p.kst[1] + q * p.kst[2]
+            if p.b != NULL:
+                br = p.b + b * p.bst[0] + h * p.bst[1] + q * p.bst[2]
+            p.fn(&p.args,
+                 p.x + b * p.xst[0] + h * p.xst[1] + q * p.xst[2],
+                 p.o + b * p.ost[0] + h * p.ost[1] + q * p.ost[2],
+                 kr, br, lo, hi, scratch)
+        q += 1
+        if q == p.Q:
+            q = 0
+            h += 1
+            if h == p.H:
+                h = 0
+                b += 1
+    if pending:  # an odd row out
+        p.fn(&p.args, xr, orow, NULL, NULL, lo2, hi2, scratch)
 
 
 cdef inline void _extent(cnp.ndarray a, const char **lo, const char **hi) noexcept:
@@ -300,7 +339,7 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
     cdef int ctn, dcode, i
     cdef Py_ssize_t item, citem
     cdef cnp.npy_intp *shape
-    cdef Py_ssize_t B, H, Q, N, rows, r, per
+    cdef Py_ssize_t B, H, Q, N, rows, per, c, chunks
     cdef int nt
     cdef bint inplace
     cdef _plan p
@@ -414,6 +453,8 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
         for i in range(4):
             p.dst[i] = cnp.PyArray_STRIDES(a)[i]
 
+    p.fn2 = fm_row2_for(dcode, &p.args)
+
     # ---- prefetch distance: about 4 KiB ahead, in whole rows of x (the next rows a
     # thread processes are r + 1, r + 2, ...: along q, else h, else b)
     pitch = p.xst[2] if Q > 1 else (p.xst[1] if H > 1 else p.xst[0])
@@ -450,12 +491,16 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
 
     if nt == 1:
         with nogil:
-            for r in range(rows):
-                _softmax_row(&p, r, base)
+            _softmax_rows(&p, 0, rows, base)
     else:
+        # Contiguous chunks of rows dealt round-robin, several per thread: under
+        # padding and causal masks rows differ in length along b and q, and one
+        # contiguous block per thread would leave one thread the long rows.
+        chunks = nt * 8 if rows > nt * 8 else rows
         fm_region_enter()
-        for r in prange(rows, schedule="static", nogil=True, num_threads=nt):
-            _softmax_row(&p, r, base + fm_thread_num() * per)
+        for c in prange(chunks, schedule="static", chunksize=1, nogil=True, num_threads=nt):
+            _softmax_rows(&p, c * rows // chunks, (c + 1) * rows // chunks,
+                          base + fm_thread_num() * per)
         fm_region_exit()
     free(scratch)
 

@@ -582,7 +582,171 @@ FM_DEFINE_ISA(generic, FM_NO_ATTR, 0)
 #if FM_X86_MV
 FM_DEFINE_ISA(avx2, FM_TARGET_AVX2, 1)
 FM_DEFINE_ISA(avx512, FM_TARGET_AVX512, 1)
+
+/*
+ * Short float32 rows (N <= 64: W4-sized attention heads, 64-token windows) with
+ * AVX-512: the whole row lives in four registers, so the three passes become a
+ * dozen vector instructions each, with no lane arrays, overlapping blocks or loop
+ * set-up. The general row spends ~100 cycles of such fixed cost per row, which is
+ * most of a 64-key row's time. Lanes outside [lo, hi) are masked off: never
+ * loaded, -inf in the max and exactly 0 after exp and in the output. Every
+ * unusual row (nothing kept, a kept -inf/+inf max or NaN) goes to the general row
+ * body, so the edge cases have one definition.
+ */
+FM_TARGET_AVX512 FM_INLINE __m512 fm_exp16_f32(__m512 x)
+{
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269502f), magic);
+    const __m512 n = _mm512_sub_ps(t, magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693115234375f), x);
+    __m512 p = _mm512_set1_ps(1.98412698e-04f);
+    __m512i e;
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(3.19461833e-05f), r);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-03f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333377e-03f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666679e-02f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666672e-01f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    e = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic)),
+                         _mm512_set1_epi32(127)),
+        23);
+    p = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    /* below the underflow threshold (and -inf): exactly 0; NaN compares false */
+    return _mm512_mask_mov_ps(
+        p, _mm512_cmp_ps_mask(x, _mm512_set1_ps(FM_EXP_MIN_F32), _CMP_LT_OQ),
+        _mm512_setzero_ps());
+}
+
+/* Lanes [from, to) of a 16-lane vector starting at key `base`. */
+FM_TARGET_AVX512 FM_INLINE __mmask16 fm_lanes16(fm_ssize base, fm_ssize from, fm_ssize to)
+{
+    fm_ssize a = from - base, b = to - base;
+    if (a < 0) a = 0;
+    if (b > 16) b = 16;
+    if (b <= a) return 0;
+    return (__mmask16)((0xffffu >> (16 - (b - a))) << a);
+}
+
+#define FM_SHORT_MAX 64
+
+static FM_TARGET_AVX512 void fm_row_f32_avx512_short(FM_ROW_PARAMS)
+{
+    const fm_ssize N = a->n;
+    const float *xp = (const float *)x;
+    float *op = (float *)o;
+    const __m512 ninf = _mm512_set1_ps(-HUGE_VALF);
+    const __m512 scale = _mm512_set1_ps((float)a->scale);
+    __m512 z[4], acc = ninf, sum = _mm512_setzero_ps();
+    float m, s;
+    int v;
+    if (N > FM_SHORT_MAX || a->x_stride != 4 || a->out_stride != 4 || a->has_keep ||
+        a->has_bias || lo >= hi || lo < 0 || hi > N) {
+        fm_row_f32_avx512(FM_ROW_ARGS);
+        return;
+    }
+    FM_CHECK_SPAN(x, a->x_stride, lo, hi, 4, a->x_lo, a->x_hi);
+    FM_CHECK_SPAN(o, a->out_stride, 0, N, 4, a->o_lo, a->o_hi);
+    for (v = 0; v < 4; v++) {
+        const __mmask16 kept = fm_lanes16(16 * v, lo, hi);
+        const __m512 zv = _mm512_mul_ps(_mm512_maskz_loadu_ps(kept, xp + 16 * v), scale);
+        z[v] = _mm512_mask_mov_ps(ninf, kept, zv);
+        acc = _mm512_max_ps(z[v], acc); /* a NaN in z[v] yields acc: ignored, as FM_MAX */
+    }
+    m = _mm512_reduce_max_ps(acc);
+    if (!(m > -HUGE_VALF) || !(m < HUGE_VALF)) {
+        fm_row_f32_avx512(FM_ROW_ARGS);
+        return;
+    }
+    for (v = 0; v < 4; v++) {
+        z[v] = fm_exp16_f32(_mm512_sub_ps(z[v], _mm512_set1_ps(m)));
+        sum = _mm512_add_ps(sum, z[v]);
+    }
+    s = _mm512_reduce_add_ps(sum);
+    if (!(s == s)) { /* a kept NaN */
+        fm_row_f32_avx512(FM_ROW_ARGS);
+        return;
+    }
+    {
+        const __m512 inv = _mm512_set1_ps((float)(1.0 / (double)s));
+        for (v = 0; v < 4; v++) /* masked lanes hold exp(-inf) = 0 */
+            _mm512_mask_storeu_ps(op + 16 * v, fm_lanes16(16 * v, 0, N),
+                                  _mm512_mul_ps(z[v], inv));
+    }
+}
+
+/* Two short rows at once. One row's passes are a chain of dependent steps (load,
+ * max, horizontal max, exp, sum, horizontal sum, divide, scale) of ~130 cycles of
+ * latency and few instructions; interleaving two independent chains fills the
+ * gaps. Rows that are not plain (see above) take the one-row path. */
+static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, const char *x0,
+                                                     char *o0, fm_ssize lo0, fm_ssize hi0,
+                                                     const char *x1, char *o1, fm_ssize lo1,
+                                                     fm_ssize hi1, char *scratch)
+{
+    const fm_ssize N = a->n;
+    const __m512 ninf = _mm512_set1_ps(-HUGE_VALF);
+    const __m512 scale = _mm512_set1_ps((float)a->scale);
+    __m512 z0[4], z1[4], acc0 = ninf, acc1 = ninf;
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    float m0, m1, s0, s1;
+    int v;
+    if (lo0 >= hi0 || lo0 < 0 || hi0 > N || lo1 >= hi1 || lo1 < 0 || hi1 > N) {
+        fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
+        fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
+        return;
+    }
+    FM_CHECK_SPAN(x0, 4, lo0, hi0, 4, a->x_lo, a->x_hi);
+    FM_CHECK_SPAN(x1, 4, lo1, hi1, 4, a->x_lo, a->x_hi);
+    FM_CHECK_SPAN(o0, 4, 0, N, 4, a->o_lo, a->o_hi);
+    FM_CHECK_SPAN(o1, 4, 0, N, 4, a->o_lo, a->o_hi);
+    for (v = 0; v < 4; v++) {
+        const __mmask16 k0 = fm_lanes16(16 * v, lo0, hi0);
+        const __mmask16 k1 = fm_lanes16(16 * v, lo1, hi1);
+        z0[v] = _mm512_mask_mov_ps(
+            ninf, k0, _mm512_mul_ps(_mm512_maskz_loadu_ps(k0, (const float *)x0 + 16 * v), scale));
+        z1[v] = _mm512_mask_mov_ps(
+            ninf, k1, _mm512_mul_ps(_mm512_maskz_loadu_ps(k1, (const float *)x1 + 16 * v), scale));
+        acc0 = _mm512_max_ps(z0[v], acc0);
+        acc1 = _mm512_max_ps(z1[v], acc1);
+    }
+    m0 = _mm512_reduce_max_ps(acc0);
+    m1 = _mm512_reduce_max_ps(acc1);
+    if (!(m0 > -HUGE_VALF) || !(m0 < HUGE_VALF) || !(m1 > -HUGE_VALF) || !(m1 < HUGE_VALF)) {
+        fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
+        fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
+        return;
+    }
+    for (v = 0; v < 4; v++) {
+        z0[v] = fm_exp16_f32(_mm512_sub_ps(z0[v], _mm512_set1_ps(m0)));
+        z1[v] = fm_exp16_f32(_mm512_sub_ps(z1[v], _mm512_set1_ps(m1)));
+        sum0 = _mm512_add_ps(sum0, z0[v]);
+        sum1 = _mm512_add_ps(sum1, z1[v]);
+    }
+    s0 = _mm512_reduce_add_ps(sum0);
+    s1 = _mm512_reduce_add_ps(sum1);
+    if (!(s0 == s0) || !(s1 == s1)) {
+        fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
+        fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
+        return;
+    }
+    {
+        const __m512 inv0 = _mm512_set1_ps((float)(1.0 / (double)s0));
+        const __m512 inv1 = _mm512_set1_ps((float)(1.0 / (double)s1));
+        for (v = 0; v < 4; v++) {
+            const __mmask16 all = fm_lanes16(16 * v, 0, N);
+            _mm512_mask_storeu_ps((float *)o0 + 16 * v, all, _mm512_mul_ps(z0[v], inv0));
+            _mm512_mask_storeu_ps((float *)o1 + 16 * v, all, _mm512_mul_ps(z1[v], inv1));
+        }
+    }
+}
 #endif
+
+typedef void (*fm_row2_fn)(const fm_row_args *a, const char *x0, char *o0, fm_ssize lo0,
+                           fm_ssize hi0, const char *x1, char *o1, fm_ssize lo1, fm_ssize hi1,
+                           char *scratch);
 
 typedef struct {
     const char *name;
@@ -604,7 +768,9 @@ static const fm_isa_t fm_isas[] = {
     FM_ISA_ENTRY(generic),
 #if FM_X86_MV
     FM_ISA_ENTRY(avx2),
-    FM_ISA_ENTRY(avx512),
+    /* the AVX-512 variant's float32 rows try the short-row path first */
+    {"avx512", {fm_row_f16_avx512, fm_row_f32_avx512_short, fm_row_f64_avx512},
+     fm_exp_map_f32_avx512, fm_exp_map_f64_avx512, fm_h2f_map_avx512, fm_f2h_map_avx512},
 #endif
 };
 
@@ -655,6 +821,21 @@ static FM_UNUSED const fm_isa_t *fm_isa(void) { return &fm_isas[fm_isa_index]; }
 
 /* Row function for dtype code 0 = float16, 1 = float32, 2 = float64. */
 static FM_UNUSED fm_row_fn fm_row_for(int dtype_code) { return fm_isas[fm_isa_index].row[dtype_code]; }
+
+/* A two-row function for calls whose rows are all short and plain (float32, N <= 64,
+ * unit strides, no keep or bias array), or NULL: rows then go one by one. */
+static FM_UNUSED fm_row2_fn fm_row2_for(int dtype_code, const fm_row_args *a)
+{
+#if FM_X86_MV
+    if (dtype_code == 1 && strcmp(fm_isas[fm_isa_index].name, "avx512") == 0 &&
+        a->n <= FM_SHORT_MAX && a->x_stride == 4 && a->out_stride == 4 && !a->has_keep &&
+        !a->has_bias)
+        return fm_row2_f32_avx512_short;
+#endif
+    (void)dtype_code;
+    (void)a;
+    return NULL;
+}
 
 #endif /* FASTMASK_SOFTMAX_ROW_H */
 

@@ -68,7 +68,8 @@ def masked_softmax(
         The weights, with ``x``'s shape and dtype (a torch tensor sharing memory
         when ``x`` was a torch tensor; ``out`` when given). A row in which nothing is
         kept (all masked, or all logits ``-inf``) is all zeros; a NaN (or a kept
-        ``+inf``) makes its whole row NaN.
+        ``+inf``) makes its whole row NaN. A fresh result of 1 MiB or more is a view
+        of a recycled block (:mod:`fastmask.outputs`), never shared while you hold it.
 
     Raises
     ------
@@ -79,6 +80,15 @@ def masked_softmax(
         unknown or unable ``backend``.
     fastmask.BackendError
         A backend failed while running the call (never silently retried elsewhere).
+
+    Notes
+    -----
+    Calling it from inside a Numba ``prange`` loop (or any ``@njit`` function) is
+    not supported: Numba refuses to compile the call, and forcing it through
+    ``numba.objmode`` can abort the process; call it once on the whole batch
+    instead, which runs in parallel over the rows. Python threads, forked and
+    spawned processes and joblib workers are fine (docs: "Threads, processes and
+    servers").
 
     Examples
     --------

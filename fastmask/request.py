@@ -8,12 +8,14 @@ leading axes are folded into ``(B, H, Q)``. Backends receive a
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import outputs
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
 from .masks.custom import prepare as prepare_user_functions
@@ -25,6 +27,15 @@ __all__ = ["SoftmaxRequest", "as_array", "build_softmax_requests"]
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _F16, _F32, _F64 = FLOAT_DTYPES
 _COMPUTE = {_F16: _F32, _F32: _F32, _F64: _F64}
+
+#: What the dtype errors of the logits and of a bias suggest (host, device and Dask calls).
+LOGITS_HINT = "Convert first, e.g. x.astype(numpy.float32)."
+BIAS_HINT = "Pass an additive float mask (e.g. -inf or -1e9 at masked positions)."
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype kernels compute in for ``dtype`` logits: float32, or float64 for float64."""
+    return _COMPUTE[np.dtype(dtype)]
 
 
 class Rows4D:
@@ -116,12 +127,33 @@ def as_array(obj: Any, what: str) -> np.ndarray:
         return np.asarray(obj)
     except (RuntimeError, BufferError) as exc:
         raise TypeError(f"{what} could not be viewed as a NumPy array: {exc}") from exc
+    except TypeError as exc:  # e.g. a bfloat16 torch tensor: NumPy has no such dtype
+        raise TypeError(
+            f"{what} could not be viewed as a NumPy array ({exc}); fastmask takes float16, "
+            "float32 or float64: convert first, e.g. x.float() for a torch tensor"
+        ) from exc
+
+
+def float_dtype_error(dtype: Any, what: str, hint: str) -> TypeError:
+    """The error for an operand that is not float16, float32 or float64 (shared with device
+    and Dask calls)."""
+    return TypeError(f"{what} must be float16, float32 or float64; got {dtype}. {hint}")
+
+
+def ndim_error(what: str, ndim: int, whose: str, nd: int) -> ValueError:
+    """The error for an operand with more axes than its target (``whose``: "x's", "the scores'")."""
+    return ValueError(f"{what} has {ndim} dimensions, more than {whose} {nd}")
+
+
+def broadcast_error(what: str, shape: tuple, whose: str, target: tuple) -> ValueError:
+    """The error for an operand that does not broadcast to its target's shape."""
+    return ValueError(f"{what} of shape {shape} does not broadcast to {whose} shape {target}")
 
 
 def _check_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
     dt = a.dtype
     if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
-        raise TypeError(f"{what} must be float16, float32 or float64; got {dt}. {hint}")
+        raise float_dtype_error(dt, what, hint)
     if not dt.isnative:
         a = a.astype(dt.newbyteorder("="))
     elif not a.flags.aligned:  # e.g. unpickled or np.frombuffer at an odd offset
@@ -141,7 +173,8 @@ def softmax_axis(axis: Any, nd: int) -> int:
     return ax % nd
 
 
-def _scale(scale: Any) -> float:
+def check_scale(scale: Any) -> float:
+    """Validate ``scale`` (None, or a finite real number); return it as a float (None: 1.0)."""
     if scale is None:
         return 1.0
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
@@ -150,6 +183,9 @@ def _scale(scale: Any) -> float:
     if not np.isfinite(s):
         raise ValueError(f"scale must be finite; got {s}")
     return s
+
+
+_scale = check_scale
 
 
 def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -210,15 +246,50 @@ def _fold(a: np.ndarray) -> np.ndarray | None:
 
 
 def _bounds4(plan: MaskPlan, b: int, h: int, q: int, n: int) -> np.ndarray:
-    lo = np.clip(plan.lo, 0, n)
-    hi = np.clip(plan.hi, 0, n)
-    small = np.broadcast_shapes(lo.shape, hi.shape)
+    """The plan's ``[lo, hi)`` clipped to ``[0, n]``, as a read-only ``(b, h, q, 2)`` view.
+
+    Built on the plan's small arrays with zero strides on broadcast axes; written
+    with ufuncs and the ndarray constructor because this runs on every call
+    (``np.clip`` and ``np.broadcast_to`` cost microseconds each at this size).
+    """
+    lo, hi = plan.lo, plan.hi
+    nd = max(lo.ndim, hi.ndim)
+    ls = (1,) * (nd - lo.ndim) + lo.shape
+    hs = (1,) * (nd - hi.ndim) + hi.shape
+    small = (1,) * (3 - nd) + tuple(x if y == 1 else y for x, y in zip(ls, hs, strict=True))
     both = np.empty((*small, 2), np.int64)
     both[..., 0] = lo
     both[..., 1] = hi
-    while both.ndim < 4:
-        both = both[None]
-    return np.broadcast_to(both, (b, h, q, 2))
+    np.minimum(both, n, out=both)
+    np.maximum(both, 0, out=both)
+    shape = (b, h, q, 2)
+    strides = tuple(0 if d == 1 else st for d, st in zip(small, both.strides, strict=False))
+    view = np.ndarray(shape, np.int64, buffer=both, strides=(*strides, both.strides[-1]))
+    view.flags.writeable = False
+    return view
+
+
+def _plan(
+    strategy: MaskStrategy | None, shape: tuple[int, ...]
+) -> tuple[MaskPlan | None, np.ndarray | None]:
+    """The strategy's plan for logits of ``shape`` and its ``(B, H, Q, 2)`` bounds.
+
+    Remembered on an ``immutable`` strategy for its last shape: a decoder or a
+    server calls with one mask object over and over, and planning costs a few
+    microseconds. (Interval plans only come from structured strategies, so
+    the softmax axis is the last one whenever there are bounds.)
+    """
+    if strategy is None:
+        return None, None
+    memo = strategy.__dict__.get("_fastmask_plan")
+    if memo is not None and memo[0] == shape:
+        return memo[1], memo[2]
+    plan = strategy.plan(shape)
+    bounds = None if plan.lo is None else _bounds4(plan, *canonical_dims(shape))
+    if strategy.immutable:
+        with contextlib.suppress(AttributeError):  # e.g. a plugin class with __slots__
+            strategy._fastmask_plan = (shape, plan, bounds)
+    return plan, bounds
 
 
 def mask_dtype_error(dtype: np.dtype) -> TypeError:
@@ -264,9 +335,7 @@ def build_softmax_requests(
     out : ndarray
         The array the result is written to (``x``'s shape and dtype).
     """
-    xa = _check_float(
-        as_array(x, "x"), "x (the logits)", "Convert first, e.g. x.astype(numpy.float32)."
-    )
+    xa = _check_float(as_array(x, "x"), "x (the logits)", LOGITS_HINT)
     nd = xa.ndim
     ax = softmax_axis(axis, nd)
     s = _scale(scale)
@@ -281,7 +350,7 @@ def build_softmax_requests(
         strategy = DenseMask(m, "keep")
     if strategy is not None and strategy.structured and ax != nd - 1:
         raise structured_axis_error(strategy, axis)
-    plan = strategy.plan(xa.shape) if strategy is not None else None
+    plan, bounds = _plan(strategy, xa.shape)
 
     cdt = _COMPUTE[xa.dtype]
     user_fns = prepare_user_functions(plan, cdt)  # (predicate, score), compiled
@@ -289,31 +358,23 @@ def build_softmax_requests(
     if plan is not None and plan.keep is not None:
         operands[2] = np.broadcast_to(plan.keep, xa.shape)
     if bias is not None:
-        ba = _check_float(
-            as_array(bias, "bias"),
-            "bias",
-            "Pass an additive float mask (e.g. -inf or -1e9 at masked positions).",
-        )
+        ba = _check_float(as_array(bias, "bias"), "bias", BIAS_HINT)
         if ba.ndim > nd:
-            raise ValueError(f"bias has {ba.ndim} dimensions, more than x's {nd}")
+            raise ndim_error("bias", ba.ndim, "x's", nd)
         try:
             operands[3] = np.broadcast_to(ba.astype(cdt, copy=False), xa.shape)
         except ValueError:
-            raise ValueError(
-                f"bias of shape {ba.shape} does not broadcast to x's shape {xa.shape}"
-            ) from None
+            raise broadcast_error("bias", ba.shape, "x's", xa.shape) from None
 
     inplace = False
     if out is None:
-        oa = np.empty(xa.shape, xa.dtype)
+        oa = outputs.empty(xa.shape, xa.dtype)
     else:
         oa, inplace = _check_out(out, xa)
     operands[1] = oa
 
     if ax != nd - 1:
         operands = [None if a is None else np.moveaxis(a, ax, -1) for a in operands]
-    b, h, q, n = canonical_dims(operands[0].shape)  # type: ignore[union-attr]
-    bounds = None if plan is None or plan.lo is None else _bounds4(plan, b, h, q, n)
 
     key = (
         "masked_softmax",

@@ -577,3 +577,28 @@ def test_accepts_longlong_bounds_and_readonly_inputs():
     out = np.empty(x.shape, np.float32)
     K.masked_softmax_4d(x, out, 1.0, None, None, bounds, 5, 2)
     assert_matches(out, expected(x, 1.0, None, None, bounds), np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40, 63, 64, 65])
+@pytest.mark.parametrize("scale", [1.0, -0.5, 0.0])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_short_rows_with_every_special_value(isa, n, scale, nthreads):
+    # float32 rows of <= 64 keys take a register-only path (two rows at a time) on
+    # AVX-512; odd row counts, spans cut by bounds and every special value must still
+    # follow the general rules.
+    rng = np.random.default_rng(n)
+    shape = (3, 1, 7, n)  # 21 rows: an odd one out for the two-row path
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    x[0, 0, 1, rng.integers(n)] = np.nan
+    x[0, 0, 2, :] = -np.inf
+    x[0, 0, 3, rng.integers(n)] = np.inf
+    x[1, 0, 4, rng.integers(n)] = -np.inf
+    x[2, 0, 5, :] = 1e30  # exp overflow guard: equal huge logits
+    bounds = rng.integers(-2, n + 3, size=(3, 1, 7, 2)).astype(np.int64)
+    bounds[2, 0, 0] = (0, n)
+    bounds[2, 0, 1] = (n // 2, n // 2)  # empty span
+    for b in (None, bounds):
+        out = run(x, scale=scale, bounds=b, nthreads=nthreads)
+        with np.errstate(invalid="ignore"):  # the reference's 0 * inf
+            ref = expected(x, scale=scale, bounds=b)
+        assert_matches(out, ref, np.float32)

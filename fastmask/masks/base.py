@@ -100,6 +100,10 @@ class MaskStrategy:
     #: (compiled with Numba): only backends that run those can serve it.
     #: Strategies built on :func:`fastmask.masks.predicate` / ``score`` set it.
     compiled: bool = False
+    #: True when the strategy's data never changes after construction (the
+    #: built-in structured strategies): fastmask then reuses its plan for repeated
+    #: calls on the same shape. Leave False if your strategy's fields may change.
+    immutable: bool = False
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:
         """Return the :class:`MaskPlan` for logits of ``shape`` (validated)."""
@@ -144,6 +148,7 @@ class AllOf(MaskStrategy):
         self.parts = tuple(flat)
         self.structured = any(p.structured for p in self.parts)
         self.compiled = any(p.compiled for p in self.parts)
+        self.immutable = all(p.immutable for p in self.parts)
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:
         result = MaskPlan()

@@ -20,8 +20,17 @@ def _as_int(value: object, what: str) -> int:
         raise TypeError(f"{what} must be an integer; got {value!r}") from None
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only int64 copy: strategies never change after construction."""
+    out = a.astype(np.int64)
+    out.flags.writeable = False
+    return out
+
+
 class Padding(MaskStrategy):
     """Per-batch key lengths: keys past each sequence's length are padding."""
+
+    immutable = True
 
     def __init__(self, lengths: object, side: str = "right") -> None:
         if side not in ("right", "left"):
@@ -35,7 +44,7 @@ class Padding(MaskStrategy):
             raise ValueError(f"padding lengths must be a scalar or 1-D; got shape {a.shape}")
         if a.size and a.min() < 0:
             raise ValueError(f"padding lengths must be >= 0; got {a.min()}")
-        self.lengths = a.astype(np.int64)
+        self.lengths = _frozen(a)
         self.side = side
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:
@@ -66,6 +75,8 @@ class Padding(MaskStrategy):
 
 class Causal(MaskStrategy):
     """Key ``j`` is kept for query ``i`` when ``j <= i + offset`` (+ ``Lk - Lq`` bottom-right)."""
+
+    immutable = True
 
     def __init__(self, offset: object = 0, align: str = "top-left") -> None:
         if align not in ("top-left", "bottom-right"):

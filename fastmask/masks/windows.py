@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from .base import MaskPlan, MaskStrategy, canonical_dims
-from .structured import _as_int
+from .structured import _as_int, _frozen
 
 __all__ = ["PrefixLM", "Segments", "SlidingWindow", "prefix_lm", "segments", "sliding_window"]
 
 
 class SlidingWindow(MaskStrategy):
     """Local attention: a band of keys around (or up to) each query's diagonal."""
+
+    immutable = True
 
     def __init__(self, size: object, causal: bool = True, align: str = "top-left") -> None:
         self.size = _as_int(size, "sliding_window size")
@@ -48,6 +50,8 @@ class SlidingWindow(MaskStrategy):
 class PrefixLM(MaskStrategy):
     """Bidirectional attention over a prefix, causal after it."""
 
+    immutable = True
+
     def __init__(self, prefix_len: object) -> None:
         a = np.asarray(prefix_len)
         if a.dtype.kind not in "iu":
@@ -56,7 +60,7 @@ class PrefixLM(MaskStrategy):
             raise ValueError(f"prefix_lm lengths must be a scalar or 1-D; got shape {a.shape}")
         if a.size and a.min() < 0:
             raise ValueError(f"prefix_lm lengths must be >= 0; got {a.min()}")
-        self.prefix = a.astype(np.int64)
+        self.prefix = _frozen(a)
 
     def _prefix(self, b: int) -> np.ndarray:
         if self.prefix.ndim == 1 and self.prefix.shape[0] != b:
@@ -88,11 +92,13 @@ def _ids(a: object, what: str) -> np.ndarray:
         raise TypeError(f"segments {what} must be integers; got dtype {ids.dtype}")
     if ids.ndim not in (1, 2):
         raise ValueError(f"segments {what} must be 1-D (L,) or 2-D (B, L); got shape {ids.shape}")
-    return ids.astype(np.int64).reshape(-1, ids.shape[-1])
+    return _frozen(ids.reshape(-1, ids.shape[-1]))
 
 
 class Segments(MaskStrategy):
     """Block-diagonal attention: a query sees only keys of its own segment (packed documents)."""
+
+    immutable = True
 
     def __init__(self, q_ids: object, k_ids: object = None) -> None:
         self.q_ids = _ids(q_ids, "q_ids")
