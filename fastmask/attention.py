@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import router
+from . import device, router
 from .api import _like
 from .attention_request import build_attention_requests
 from .masks import MaskStrategy
@@ -31,7 +31,9 @@ def attention(
     Parameters
     ----------
     q : array_like, shape (..., Lq, D)
-        Queries; float16, float32 or float64 (NumPy arrays or CPU tensors).
+        Queries; float16, float32 or float64 (NumPy arrays or CPU tensors; or device
+        arrays exposing ``__cuda_array_interface__``, with the fastmask-cuda plugin:
+        then k and v must be device arrays too, and the results are device arrays).
     k : array_like, shape (..., Lk, D)
         Keys, same dtype as ``q``.
     v : array_like, shape (..., Lk, Dv)
@@ -91,6 +93,9 @@ def attention(
            [1., 2.],
            [2., 3.]], dtype=float32)
     """
+    if device.any_device_array(q, k, v):  # GPU memory: validated and routed by fastmask.device
+        return device.attention(q, k, v, mask, bias=bias, scale=scale,
+                                return_weights=return_weights, backend=backend)  # fmt: skip
     requests, out, weights = build_attention_requests(
         q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights
     )
@@ -144,6 +149,9 @@ def explain_attention(
         ``.chosen``, ``.candidates`` (every backend's verdict and estimated cost in
         microseconds); ``print()`` it for a table.
     """
+    if device.any_device_array(q, k, v):
+        return device.explain_attention(q, k, v, mask, bias=bias, scale=scale,
+                                        return_weights=return_weights, backend=backend)  # fmt: skip
     requests, _, _ = build_attention_requests(
         q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights
     )

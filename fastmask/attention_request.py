@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,11 +41,38 @@ from .request import (
 )
 from .threads import get_num_threads
 
-__all__ = ["AttentionRequest", "build_attention_requests"]
+__all__ = [
+    "AttentionDims",
+    "AttentionRequest",
+    "AttentionSizes",
+    "attention_dims",
+    "attention_shapes",
+    "build_attention_requests",
+    "plan_keep_and_bounds",
+]
+
+
+class AttentionSizes:
+    """Derived sizes of an attention request whose ``q4``/``k4`` are 4-D (host or device)."""
+
+    @property
+    def scores_shape4(self) -> tuple[int, int, int, int]:
+        b, h, q, _ = self.q4.shape
+        return b, h, q, self.k4.shape[2]
+
+    @property
+    def rows(self) -> int:
+        b, h, q, _ = self.q4.shape
+        return b * h * q
+
+    @property
+    def size(self) -> int:
+        """Elements of the full scores ``(B, Hq, Lq, Lk)``."""
+        return self.rows * self.k4.shape[2]
 
 
 @dataclass(frozen=True)
-class AttentionRequest:
+class AttentionRequest(AttentionSizes):
     """One attention call (or one part of a split call), as backends see it.
 
     Attributes
@@ -106,21 +133,6 @@ class AttentionRequest:
         """The dtype of the inputs and outputs."""
         return self.out4.dtype
 
-    @property
-    def scores_shape4(self) -> tuple[int, int, int, int]:
-        b, h, q, _ = self.q4.shape
-        return b, h, q, self.k4.shape[2]
-
-    @property
-    def rows(self) -> int:
-        b, h, q, _ = self.q4.shape
-        return b * h * q
-
-    @property
-    def size(self) -> int:
-        """Elements of the full scores ``(B, Hq, Lq, Lk)``."""
-        return self.rows * self.k4.shape[2]
-
 
 def _strategy(mask: Any) -> MaskStrategy | None:
     if mask is None or isinstance(mask, MaskStrategy):
@@ -131,8 +143,11 @@ def _strategy(mask: Any) -> MaskStrategy | None:
     return DenseMask(m, "keep")
 
 
-def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[tuple[int, ...], int, int]:
-    """Validate q/k/v shapes; return ``(batch shape, Hq, Hk)`` (``Hk == Hq`` without GQA)."""
+def attention_shapes(q: Any, k: Any, v: Any) -> tuple[tuple[int, ...], int, int]:
+    """Validate q/k/v shapes; return ``(batch shape, Hq, Hk)`` (``Hk == Hq`` without GQA).
+
+    Reads only ``shape`` and ``ndim``: NumPy and dask arrays alike.
+    """
     for a, name, dims in ((q, "q", "(..., Lq, D)"), (k, "k", "(..., Lk, D)"),
                           (v, "v", "(..., Lk, Dv)")):  # fmt: skip
         if a.ndim < 2:
@@ -200,6 +215,64 @@ def _dense_row_bounds(keep: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndar
     return lo, hi
 
 
+class AttentionDims(NamedTuple):
+    """The sizes of a validated ``attention`` call (host and device calls alike)."""
+
+    batch: tuple[int, ...]  # the scores' leading axes
+    group: int  # query heads per kv head (1 without grouped-query attention)
+    hk: int  # kv heads (axis -3 of k/v; 1 when there is none)
+    lq: int
+    d: int
+    lk: int
+    dv: int
+    scale: float  # the user's, else 1/sqrt(D)
+
+
+def attention_dims(q: Any, k: Any, v: Any, scale: Any, return_weights: Any) -> AttentionDims:
+    """Validate what ``q``, ``k``, ``v`` (anything with ``shape``, ``ndim``, ``dtype``),
+    ``scale`` and ``return_weights`` must agree on; the operands' own dtypes are the
+    caller's to check."""
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(
+            f"q, k and v must have the same dtype; got {q.dtype}, {k.dtype} and {v.dtype}. "
+            "Convert them first, e.g. k.astype(q.dtype)."
+        )
+    if not isinstance(return_weights, (bool, np.bool_)):
+        raise TypeError(f"return_weights must be a bool; got {return_weights!r}")
+    batch, hq, hk = attention_shapes(q, k, v)
+    lq, d = q.shape[-2:]
+    lk, dv = v.shape[-2:]
+    s = (1.0 / math.sqrt(d) if d > 0 else 1.0) if scale is None else _scale(scale)
+    return AttentionDims(batch, hq // hk, hk, lq, d, lk, dv, s)
+
+
+def plan_keep_and_bounds(
+    plan: MaskPlan | None, scores_shape: tuple[int, ...]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A mask plan's dense keep mask (at its own shape) and the rows' kept intervals.
+
+    The intervals, ``(B, H, Q, 2)`` int64 (a broadcast view), combine the plan's
+    ``[lo, hi)`` with the first and last kept key of each row of its dense mask;
+    None when the plan has neither. Shared by host and device attention calls.
+    """
+    if plan is None:
+        return None, None
+    nd = len(scores_shape)
+    lo, hi = plan.lo, plan.hi
+    if plan.keep is not None:
+        if plan.keep.ndim > nd:
+            raise ValueError(
+                f"mask has {plan.keep.ndim} dimensions, more than the scores' {nd} "
+                f"(scores: {scores_shape})"
+            )
+        dlo, dhi = _dense_row_bounds(plan.keep, scores_shape)
+        lo = dlo if lo is None else np.maximum(lo, dlo)
+        hi = dhi if hi is None else np.minimum(hi, dhi)
+    if lo is None:
+        return plan.keep, None
+    return plan.keep, _bounds4(MaskPlan(lo=lo, hi=hi), *canonical_dims(scores_shape))
+
+
 def build_attention_requests(
     q: Any,
     k: Any,
@@ -227,21 +300,7 @@ def build_attention_requests(
     qa = _check_float(as_array(q, "q"), "q", hint)
     ka = _check_float(as_array(k, "k"), "k", hint)
     va = _check_float(as_array(v, "v"), "v", hint)
-    if not qa.dtype == ka.dtype == va.dtype:
-        raise TypeError(
-            f"q, k and v must have the same dtype; got {qa.dtype}, {ka.dtype} and {va.dtype}. "
-            "Convert them first, e.g. k.astype(q.dtype)."
-        )
-    if not isinstance(return_weights, (bool, np.bool_)):
-        raise TypeError(f"return_weights must be a bool; got {return_weights!r}")
-    batch, hq, hk = _shapes(qa, ka, va)
-    group = hq // hk
-    lq, d = qa.shape[-2:]
-    lk, dv = va.shape[-2:]
-    if scale is None:
-        s = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    else:
-        s = _scale(scale)
+    batch, group, hk, lq, d, lk, dv, s = attention_dims(qa, ka, va, scale, return_weights)
     dtype = qa.dtype
     cdt = _COMPUTE[dtype]
 
@@ -249,26 +308,8 @@ def build_attention_requests(
     strategy = _strategy(mask)
     plan = strategy.plan(scores_shape) if strategy is not None else None
     nd = len(scores_shape)
-    bb, hh, qq, nn = canonical_dims(scores_shape)
-
-    keep = None
-    lo = hi = None
-    if plan is not None:
-        if plan.lo is not None:
-            lo, hi = plan.lo, plan.hi
-        if plan.keep is not None:
-            if plan.keep.ndim > nd:
-                raise ValueError(
-                    f"mask has {plan.keep.ndim} dimensions, more than the scores' {nd} "
-                    f"(scores: {scores_shape})"
-                )
-            keep = np.broadcast_to(plan.keep, scores_shape)
-            dlo, dhi = _dense_row_bounds(plan.keep, scores_shape)
-            lo = dlo if lo is None else np.maximum(lo, dlo)
-            hi = dhi if hi is None else np.minimum(hi, dhi)
-    bounds = None
-    if lo is not None:
-        bounds = _bounds4(MaskPlan(lo=lo, hi=hi), bb, hh, qq, nn)
+    plan_keep, bounds = plan_keep_and_bounds(plan, scores_shape)
+    keep = None if plan_keep is None else np.broadcast_to(plan_keep, scores_shape)
 
     bias_view = None
     if bias is not None:

@@ -2,7 +2,8 @@
 
 Installing the package registers the backend through the ``fastmask`` entry-point
 group; device arrays (anything exposing ``__cuda_array_interface__``) passed to
-``fastmask.masked_softmax`` then run on the GPU and the result stays there.
+``fastmask.masked_softmax`` or ``fastmask.attention`` then run on the GPU and the
+result stays there.
 
 Importing this package imports nothing from ``numba.cuda`` and compiles nothing.
 """

@@ -27,7 +27,24 @@ from .kernels import (
     WARP,
 )
 
-__all__ = ["build", "kernel_functions"]
+__all__ = ["build", "kernel_functions", "scalar_types"]
+
+_NUMBA = {
+    np.dtype(np.float16): types.float16,
+    np.dtype(np.float32): types.float32,
+    np.dtype(np.float64): types.float64,
+}
+
+
+def scalar_types(x_dtype: np.dtype, bias_dtype: np.dtype | None):
+    """``(compute, storage, bias, NumPy compute scalar)`` types of a variant.
+
+    Compute in float64 for float64 data, else float32; an absent bias is typed float32.
+    """
+    wide = x_dtype == np.float64
+    ct = types.float64 if wide else types.float32
+    bt = types.float32 if bias_dtype is None else _NUMBA[bias_dtype]
+    return ct, _NUMBA[x_dtype], bt, (np.float64 if wide else np.float32)
 
 
 def build(x_dtype: np.dtype, has_keep: bool, bias_dtype: np.dtype | None, sim: bool):
@@ -41,19 +58,10 @@ def kernel_functions(x_dtype: np.dtype, has_keep: bool, bias_dtype: np.dtype | N
 
     ``cuda.compile_ptx(f, sig, cc=...)`` turns them into PTX without a GPU.
     """
-    nb = {
-        np.dtype(np.float16): types.float16,
-        np.dtype(np.float32): types.float32,
-        np.dtype(np.float64): types.float64,
-    }
-    wide = x_dtype == np.float64
-    ct = types.float64 if wide else types.float32  # compute type
-    ot = nb[x_dtype]  # storage type of x and out
-    cnp = np.float64 if wide else np.float32
+    ct, ot, bt, cnp = scalar_types(x_dtype, bias_dtype)  # ot: storage type of x and out
     neg_inf, pos_inf, nan = cnp(-np.inf), cnp(np.inf), cnp(np.nan)
     zero, one = cnp(0.0), cnp(1.0)
     has_bias = bias_dtype is not None
-    bt = nb[bias_dtype] if has_bias else types.float32
     i64 = types.int64
     xch = BLOCK_THREADS_MAX if sim else 1  # exchange scratch (simulator only)
     full = FULL_MASK

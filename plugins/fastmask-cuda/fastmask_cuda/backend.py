@@ -1,9 +1,11 @@
-"""The ``cuda`` backend: fastmask's masked softmax on an NVIDIA GPU, through numba.cuda.
+"""The ``cuda`` backend: masked softmax and attention on an NVIDIA GPU, through numba.cuda.
 
 Device arrays (``__cuda_array_interface__``) arrive as
-:class:`fastmask.device.DeviceSoftmaxRequest` and stay on the device. Host arrays
-arrive as the usual :class:`fastmask.request.SoftmaxRequest` only when the caller
-forces ``backend="cuda"``: they are copied in, computed, and copied back.
+:class:`fastmask.device.DeviceSoftmaxRequest` or
+:class:`fastmask.device.DeviceAttentionRequest` and stay on the device. Host
+arrays arrive as the usual :class:`fastmask.request.SoftmaxRequest` or
+:class:`fastmask.attention_request.AttentionRequest` only when the caller forces
+``backend="cuda"``: they are copied in, computed, and copied back.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import functools
 import numpy as np
 
 from fastmask import Backend, Verdict
-from fastmask.device import DEVICE_OP, Strided
+from fastmask.device import DEVICE_ATTENTION_OP, DEVICE_OP, Strided, host_operand
 
-from . import kernels, memory
+from . import flash, kernels, memory
 
 __all__ = ["CudaBackend"]
 
@@ -36,8 +38,11 @@ def _operands_ok(*operands: Strided | None) -> str:
 class CudaBackend(Backend):
     name = "cuda"
     device = "cuda"
-    ops = frozenset({"masked_softmax", DEVICE_OP})
-    description = "numba.cuda kernels: one warp per short row, one block per long row"
+    ops = frozenset({"masked_softmax", DEVICE_OP, "attention", DEVICE_ATTENTION_OP})
+    description = (
+        "numba.cuda kernels: softmax one warp per short row, one block per long row; "
+        "attention in tiles with an online softmax"
+    )
 
     #: Cost model, microseconds: Python dispatch + launch, then memory traffic.
     LAUNCH_US = 15.0
@@ -47,6 +52,9 @@ class CudaBackend(Backend):
     #: Added to host-array calls so that routing never picks the GPU for them.
     HOST_PENALTY_US = 1e9
     PCIE_BYTES_PER_US = 1.0e4  # ~10 GB/s host <-> device
+    #: Attention: multiply-adds per microsecond (float32 FMA on shared-memory tiles,
+    #: no tensor cores: a few TFLOP/s).
+    FMA_PER_US = 2.0e6
 
     def status(self) -> tuple[bool, str]:
         return memory.probe()
@@ -60,6 +68,8 @@ class CudaBackend(Backend):
 
         if runs_user_code(request):
             return Verdict.no("custom predicates and score functions run in the numba backend")
+        if request.op in ("attention", DEVICE_ATTENTION_OP):
+            return self._check_attention(request)
         bad = _operands_ok(request.x4, request.out4, request.keep4, request.bias4)
         if bad:
             return Verdict.no(bad)
@@ -81,6 +91,48 @@ class CudaBackend(Backend):
         if variant not in kernels.compiled_variants():
             return Verdict(True, note + ", JIT compile first", cost + self.COMPILE_US)
         return Verdict(True, note, cost)
+
+    def _check_attention(self, request) -> Verdict:
+        b, h, lq, _ = request.scores_shape4
+        d, dv = request.q4.shape[3], request.v4.shape[3]
+        cfg = self._flash_config(lq, d, dv, request.compute_dtype.itemsize)
+        if cfg is None:
+            return Verdict.no(
+                f"head dimensions D={d}, Dv={dv}: the attention kernel holds at most "
+                f"{flash.D_CLASSES[-1]} (use masked_softmax between two matrix products)"
+            )
+        if request.op != DEVICE_ATTENTION_OP:
+            n = request.q4.size + request.k4.size + request.v4.size + b * h * lq * dv
+            if request.weights4 is not None:
+                n += request.size
+            copies = n * request.compute_dtype.itemsize / self.PCIE_BYTES_PER_US
+            return Verdict(
+                True,
+                "host arrays: copied to the GPU and back; never chosen automatically "
+                "(force it with backend='cuda')",
+                self.HOST_PENALTY_US + copies,
+            )
+        bad = _operands_ok(request.q4, request.k4, request.v4, request.out4, request.weights4,
+                           request.keep4, request.bias4)  # fmt: skip
+        if bad:
+            return Verdict.no(bad)
+        fma = request.size * (d + dv) * (2 if request.return_weights else 1)
+        cost = self.LAUNCH_US + fma / self.FMA_PER_US
+        if request.return_weights:
+            cost += request.size * request.dtype.itemsize / self.BYTES_PER_US
+        note = (
+            f"flash-style tiles of {cfg.bq} queries x {cfg.bk} keys, "
+            f"{cfg.blocks(b, h, lq)} block(s) of {cfg.threads} threads, masked key tiles skipped"
+        )
+        bias = None if request.bias4 is None else request.bias4.dtype
+        variant = flash.variant(request.dtype, request.keep4 is not None, bias, cfg.d_class)
+        if variant not in flash.compiled_variants():
+            return Verdict(True, note + ", JIT compile first", cost + self.COMPILE_US)
+        return Verdict(True, note, cost)
+
+    @staticmethod
+    def _flash_config(lq: int, d: int, dv: int, itemsize: int) -> flash.FlashConfig | None:
+        return flash.launch_config(lq, d, dv, itemsize, flash.THREADS_TARGET)
 
     @staticmethod
     def _config(rows: int, n: int) -> kernels.LaunchConfig:
@@ -111,6 +163,78 @@ class CudaBackend(Backend):
                 for a in (request.keep4, request.bias4, request.bounds4)]  # fmt: skip
         self._run(Strided.of_device(xd, "x"), Strided.of_device(od, "out"), *host, request.scale)
         np.copyto(request.out4, memory.to_host(od))
+
+    def attention_device(self, request) -> None:
+        """Compute a :class:`fastmask.device.DeviceAttentionRequest` (asynchronous on a GPU)."""
+        self._run_attention(
+            request.q4, request.k4, request.v4, request.out4, request.weights4,
+            request.keep4, request.bias4, request.bounds4, request.scale, request.group,
+        )  # fmt: skip
+
+    def attention(self, request) -> None:
+        """Host arrays (only when forced): copy in, compute, copy the results back.
+
+        ``request.q4``/``k4``/``v4`` are already in the compute dtype (float16 was
+        converted on the host), so the kernel runs in it and the results are
+        rounded to the output dtype on the way back.
+        """
+        cdt = request.compute_dtype
+        ins = [None if a is None else host_operand(a)
+               for a in (request.q4, request.k4, request.v4, request.keep4, request.bias4,
+                         request.bounds4)]  # fmt: skip
+        q4, k4, v4, keep4, bias4, bounds4 = ins
+        od = memory.empty(request.out4.shape, cdt)
+        wd = None if request.weights4 is None else memory.empty(request.weights4.shape, cdt)
+        self._run_attention(
+            q4, k4, v4, Strided.of_device(od, "out"),
+            None if wd is None else Strided.of_device(wd, "weights"),
+            keep4, bias4, bounds4, request.scale, request.group,
+        )  # fmt: skip
+        np.copyto(request.out4, memory.to_host(od), casting="unsafe")
+        if wd is not None:
+            np.copyto(request.weights4, memory.to_host(wd), casting="unsafe")
+
+    def _run_attention(self, q4, k4, v4, out4, w4, keep4, bias4, bounds4, scale, group) -> None:
+        """Launch the attention kernel on the stream q's producer names; no sync."""
+        b, h, lq, d = q4.shape
+        lk, dv = v4.shape[2], v4.shape[3]
+        if b * h * lq == 0 or (dv == 0 and (w4 is None or lk == 0)):
+            return
+        cdt = np.dtype(np.float64) if q4.dtype == np.float64 else np.dtype(np.float32)
+        cfg = self._flash_config(lq, d, dv, cdt.itemsize)
+        if cfg is None:
+            raise ValueError(f"head dimensions D={d}, Dv={dv} are too large for the kernel")
+        sp = q4.stream
+        stream = memory.launch_stream(sp)
+
+        def flat(st, dtype):
+            # Absent or empty operands (D, Dv or Lk of 0: never read or written) get a dummy.
+            if st is None or st.size == 0:
+                return _dummy(np.dtype(np.uint8) if dtype == np.bool_ else dtype), 0, (0,) * 4
+            return memory.flat(st, sp)
+
+        qa, qo, qs = flat(q4, q4.dtype)
+        ka, ko, ks = flat(k4, q4.dtype)
+        va, vo, vs = flat(v4, q4.dtype)
+        oa, oo, os_ = flat(out4, q4.dtype)
+        wa, wo, ws = flat(w4, q4.dtype)
+        ma, mo, ms = flat(keep4, np.dtype(np.uint8))
+        ba, bo, bs = flat(bias4, np.dtype(np.float32) if bias4 is None else bias4.dtype)
+        if bounds4 is None:
+            la, lo, ls = memory.to_device(np.array([0, lk], np.int64), stream), 0, (0, 0, 0, 1)
+        else:
+            la, lo, ls = memory.flat(bounds4, sp)
+        params = (
+            b, h, lq, lk, d, dv, group, cfg.bq, cfg.bk, cfg.tpr, int(w4 is not None),
+            qo, *qs, ko, *ks, vo, *vs, oo, *os_, wo, *ws, mo, *ms, bo, *bs, lo, *ls,
+        )  # fmt: skip
+        params = tuple(int(p) for p in params)
+        bias_dtype = None if bias4 is None else bias4.dtype
+        kernel = flash.kernel(q4.dtype, keep4 is not None, bias_dtype, cfg.d_class)
+        blocks = cfg.blocks(b, h, lq)
+        kernel[blocks, cfg.threads, stream](qa, ka, va, oa, wa, ma, ba, la, params,
+                                            cdt.type(scale))  # fmt: skip
+        self._note_compiled()
 
     def _run(self, x4, out4, keep4, bias4, bounds4, scale: float) -> None:
         """Launch on the stream x's producer names (else the default stream); no sync."""
@@ -143,10 +267,14 @@ class CudaBackend(Backend):
         kernel = warp_k if cfg.kernel == "warp" else block_k
         cdt = np.float64 if x4.dtype == np.float64 else np.float32
         kernel[cfg.blocks, cfg.threads, stream](xa, oa, ka, ba, la, params, cdt(scale))
+        self._note_compiled()
+
+    def _note_compiled(self) -> None:
         from fastmask import router
 
-        if len(kernels.compiled_variants()) != self._seen_variants:
-            self._seen_variants = len(kernels.compiled_variants())
+        seen = len(kernels.compiled_variants()) + len(flash.compiled_variants())
+        if seen != self._seen_variants:
+            self._seen_variants = seen
             router.invalidate()  # a variant just compiled: its cost estimate dropped
 
     _seen_variants = 0

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -16,23 +10,7 @@ import fastmask_cuda.plugin
 from fastmask import router
 from fastmask_cuda import kernels, memory
 
-from cuda_helpers import SIMULATED, check, dev, host, logits
-
-PLUGIN_ROOT = Path(__file__).resolve().parents[1]
-REPO_ROOT = PLUGIN_ROOT.parents[1]
-
-
-def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(PLUGIN_ROOT)])
-    environ.update(env)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from cuda_helpers import PLUGIN_ROOT, SIMULATED, check, dev, host, logits, run_python
 
 
 def test_device_arrays_route_to_cuda_and_stay_on_the_device(cuda_plugin, rng):
@@ -93,7 +71,7 @@ def test_unavailable_gpu_is_explained_and_never_chosen(cuda_plugin, monkeypatch,
 
 @pytest.mark.skipif(not SIMULATED, reason="this machine has a GPU")
 def test_status_without_gpu_or_simulator():
-    out = _run(
+    out = run_python(
         """
         import numpy as np, fastmask as fm, fastmask_cuda.plugin as p
         fm.plugins.register(p)
@@ -110,7 +88,7 @@ def test_status_without_gpu_or_simulator():
 
 
 def test_missing_plugin_is_a_type_error_naming_it():
-    out = _run(
+    out = run_python(
         """
         import fastmask as fm
 
@@ -119,9 +97,10 @@ def test_missing_plugin_is_a_type_error_naming_it():
                 "shape": (2, 3), "typestr": "<f4", "data": (0, False), "version": 3,
             }
 
-        for call in (fm.masked_softmax, fm.explain):
+        for call, args in ((fm.masked_softmax, 1), (fm.explain, 1), (fm.attention, 3),
+                           (fm.explain_attention, 3)):
             try:
-                call(OnGpu())
+                call(*[OnGpu()] * args)
             except TypeError as exc:
                 print("TypeError:", exc)
         """,
@@ -129,12 +108,14 @@ def test_missing_plugin_is_a_type_error_naming_it():
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2
-    assert all("TypeError: x is a GPU device array" in ln and "fastmask-cuda" in ln for ln in lines)
+    assert len(lines) == 4
+    assert all("fastmask-cuda" in ln for ln in lines)
+    assert all("TypeError: x is a GPU device array" in ln for ln in lines[:2])
+    assert all("TypeError: q is a GPU device array" in ln for ln in lines[2:])
 
 
 def test_importing_the_plugin_imports_no_numba_cuda():
-    out = _run(
+    out = run_python(
         """
         import sys
         import fastmask_cuda.plugin
