@@ -26,6 +26,7 @@ from conftest import TOLERANCE  # noqa: E402
 
 import fastmask as fm  # noqa: E402
 import fastmask.dask as fmd  # noqa: E402
+from fastmask.dask.workers import thread_scope  # noqa: E402
 
 B, H, Q, N = 3, 2, 6, 20
 KINDS = np.arange(N) % 3
@@ -338,7 +339,7 @@ def test_attention_rejects_score_functions():
 def _threads_in_a_task():
     """What a fastmask.dask task would use, and fastmask's setting while it runs."""
     n = fmd.task_threads()
-    with fmd._thread_scope(n):
+    with thread_scope(n):
         return n, fm.get_num_threads()
 
 
@@ -361,10 +362,11 @@ def test_threaded_worker_splits_cores_between_its_threads(monkeypatch):
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as c,
     ):  # fmt: skip
-        before = fm.get_num_threads()
+        before = fm.get_num_threads(), fm.threads.num_threads_setting()
         n, during = c.submit(_threads_in_a_task, pure=False).result()
         assert n == max(1, cores // 2) and during == n
-        assert fm.get_num_threads() == before  # the setting comes back after the task
+        # the setting comes back after the task (the default stays the default)
+        assert (fm.get_num_threads(), fm.threads.num_threads_setting()) == before
         x = _logits()
         y = fmd.masked_softmax(da.from_array(x, chunks=(1, 1, 3, 7)), fm.masks.causal())
         _check(y.compute(scheduler=c), fm.masked_softmax(x, fm.masks.causal()))
@@ -410,14 +412,7 @@ def test_importing_fastmask_does_not_import_dask():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_on_ray_if_installed():
-    ray = pytest.importorskip("ray", reason="ray is optional")
-    from ray.util.dask import ray_dask_get
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        x = _logits()
-        y = fmd.masked_softmax(da.from_array(x, chunks=(1, 2, 3, 7)), fm.masks.causal())
-        _check(y.compute(scheduler=ray_dask_get), fm.masked_softmax(x, fm.masks.causal()))
-    finally:
-        ray.shutdown()
+def test_public_names_of_the_subpackage():
+    for name in fmd.__all__:
+        assert getattr(fmd, name).__module__.startswith("fastmask.dask"), name
+    assert fmd.keep(da.ones(3, dtype=bool)).plan((2, 3)).keep.tolist() == [True] * 3

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_explain_validates_like_the_call():
 
 
 def test_threads_setting():
-    old = fm.get_num_threads()
+    old = fm.threads.num_threads_setting()
     try:
         fm.set_num_threads(1)
         assert fm.get_num_threads() == 1
@@ -187,6 +188,27 @@ def test_thread_count_from_environment():
     env = {**os.environ, "FASTMASK_NUM_THREADS": "3"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "3", out.stderr
+
+
+def test_thread_count_follows_the_environment_in_a_ray_process(monkeypatch):
+    # Ray sets OMP_NUM_THREADS per task in long-lived workers; fastmask reads it per
+    # call where ray is imported (tests/test_ray.py checks it on a real Ray instance)
+    old = fm.threads.num_threads_setting()
+    try:
+        fm.set_num_threads(None)
+        monkeypatch.delenv("FASTMASK_NUM_THREADS", raising=False)
+        monkeypatch.setitem(sys.modules, "ray", sys.modules.get("ray") or types.ModuleType("ray"))
+        for n in (3, 1):
+            monkeypatch.setenv("OMP_NUM_THREADS", str(n))
+            assert fm.get_num_threads() == n
+            assert fm.threads.threads_for(10**8, 10**5) == n
+        assert fm.threads.threads_for(100, 10) == 1  # small calls: one thread, always
+        fm.set_num_threads(2)  # an explicit setting wins
+        assert fm.get_num_threads() == 2 and fm.threads.num_threads_setting() == 2
+        fm.set_num_threads(None)
+        assert fm.get_num_threads() == 1 and fm.threads.num_threads_setting() is None
+    finally:
+        fm.set_num_threads(old)
 
 
 def _fake_distribution(tmp_path, name, module_source):

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .base import MaskPlan, MaskStrategy
 
-__all__ = ["DenseMask", "drop", "keep"]
+__all__ = ["DenseMask", "as_keep", "check_mask_shape", "drop", "keep"]
+
+
+def as_keep(a: Any, convention: str, where: str = "fastmask.masks") -> Any:
+    """``a`` as a keep mask (True = attend), given its ``convention`` ("keep" or "drop").
+
+    Works on any array with ``dtype``, ``!=`` and ``~`` (NumPy, dask); ``where``
+    names the function the user called, for the error on a non-numeric dtype.
+    """
+    if a.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{where}.{convention}() takes a boolean or numeric array; got dtype {a.dtype}"
+        )
+    nonzero = a if a.dtype == np.bool_ else a != 0
+    return nonzero if convention == "keep" else ~nonzero
+
+
+def check_mask_shape(mask_shape: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless a dense mask of ``mask_shape`` broadcasts to logits of ``shape``."""
+    try:
+        np.broadcast_shapes(tuple(mask_shape), tuple(shape))
+    except ValueError:
+        raise ValueError(
+            f"mask of shape {tuple(mask_shape)} does not broadcast to the logits' shape {shape}"
+        ) from None
+    if len(mask_shape) > len(shape):
+        raise ValueError(
+            f"mask has {len(mask_shape)} dimensions, more than the logits' {len(shape)}"
+        )
 
 
 class DenseMask(MaskStrategy):
@@ -15,28 +45,12 @@ class DenseMask(MaskStrategy):
     structured = False
 
     def __init__(self, array: object, convention: str) -> None:
-        a = np.asarray(array)
-        if a.dtype.kind not in "biuf":
-            raise TypeError(
-                f"fastmask.masks.{convention}() takes a boolean or numeric array; "
-                f"got dtype {a.dtype}"
-            )
-        nonzero = a if a.dtype == np.bool_ else a != 0
         self.convention = convention
         # Stored as keep (True = attend), whatever the user's convention was.
-        self.array = nonzero if convention == "keep" else ~nonzero
+        self.array = as_keep(np.asarray(array), convention)
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:
-        try:
-            np.broadcast_shapes(self.array.shape, shape)
-        except ValueError:
-            raise ValueError(
-                f"mask of shape {self.array.shape} does not broadcast to the logits' shape {shape}"
-            ) from None
-        if self.array.ndim > len(shape):
-            raise ValueError(
-                f"mask has {self.array.ndim} dimensions, more than the logits' {len(shape)}"
-            )
+        check_mask_shape(self.array.shape, shape)
         return MaskPlan(keep=self.array)
 
     def _dense(self, shape: tuple[int, ...]) -> np.ndarray:
