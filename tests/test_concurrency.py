@@ -1,10 +1,13 @@
-"""Inference-server conditions: many Python threads at once, and forked workers."""
+"""Inference-server conditions: many Python threads at once, forked and spawned workers,
+joblib workers (processes and threads), and the unsupported nested case (fastmask
+inside a Numba ``prange``), which must fail cleanly at compile time."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +18,7 @@ from conftest import BACKENDS, assert_matches_reference
 
 import fastmask as fm
 from fastmask import masks
+from fastmask.threads import num_threads_setting
 
 COMPILED = [b for b in BACKENDS if b != "numpy"]
 
@@ -159,3 +163,130 @@ def test_attention_from_many_python_threads(backend):
 
     with ThreadPoolExecutor(16) as pool:
         assert sum(pool.map(worker, range(16))) == 0
+
+
+def test_first_parallel_call_selects_the_fork_safe_layer():
+    """A fresh process whose first numba call runs in parallel ends up on ``workqueue``.
+
+    Regression: ``numba.set_num_threads()`` launched Numba's threads (on the default
+    ``omp`` layer) before the kernels module, which selected the layer, had compiled.
+    """
+    pytest.importorskip("numba")
+    script = (
+        "import numpy as np, numba, fastmask as fm\n"
+        "x = np.zeros((2, 4, 64, 1024), np.float32)\n"
+        "fm.masked_softmax(x, backend='numba')\n"
+        "print(numba.threading_layer())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env.update(FASTMASK_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "workqueue"
+
+
+# ------------------------------------------------------------------ joblib workers
+
+
+def _attention_cases():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 64, 32)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 96, 32)).astype(np.float32)  # grouped-query heads
+    v = rng.standard_normal((2, 2, 96, 16)).astype(np.float32)
+    return [(q, k, v, m) for m in (masks.causal(align="bottom-right"), masks.padding([96, 40]))]
+
+
+_CASES_IN_WORKER: dict = {}
+
+
+def _joblib_task(op: str, i: int, backend: str):
+    """One call, on inputs rebuilt in the worker from their seed (nothing big to ship)."""
+    if op not in _CASES_IN_WORKER:
+        _CASES_IN_WORKER[op] = _cases() if op == "masked_softmax" else _attention_cases()
+    case = _CASES_IN_WORKER[op][i]
+    if op == "masked_softmax":
+        x, m = case
+        return fm.masked_softmax(x, m, backend=backend)
+    q, k, v, m = case
+    return fm.attention(q, k, v, m, backend=backend)
+
+
+@pytest.mark.parametrize("joblib_backend", ["loky", "threading"])
+def test_joblib_workers(joblib_backend):
+    joblib = pytest.importorskip("joblib")
+    names = [n for n in BACKENDS if fm.plugins.backends()[n].status()[0]]
+    tasks = [("masked_softmax", i, n) for i in range(len(_cases())) for n in names]
+    tasks += [("attention", i, n) for i in range(len(_attention_cases())) for n in names]
+    expected = [_joblib_task(*t) for t in tasks]  # single-threaded, in this process
+    try:
+        got = joblib.Parallel(n_jobs=2, backend=joblib_backend)(
+            joblib.delayed(_joblib_task)(*t) for t in tasks * 2
+        )
+    finally:
+        if joblib_backend == "loky":  # don't leave the worker processes behind
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True)
+    for (op, _, name), y, e in zip(tasks * 2, got, expected * 2, strict=True):
+        if op == "masked_softmax":
+            assert np.array_equal(y, e, equal_nan=True), name
+        else:  # BLAS products may round differently with another thread count
+            np.testing.assert_allclose(y, e, atol=1e-6, rtol=1e-5, err_msg=name)
+
+
+# ------------------------------------------------------------ nested parallelism
+
+
+def test_calling_fastmask_inside_a_numba_prange_is_a_compile_error():
+    """Not supported: nopython mode cannot call fastmask; Numba says so when it compiles."""
+    numba = pytest.importorskip("numba")
+    from numba.core.errors import TypingError
+
+    from fastmask import masked_softmax
+
+    def via_module(x):
+        out = np.empty_like(x)
+        for i in numba.prange(x.shape[0]):
+            out[i] = fm.masked_softmax(x[i])
+        return out
+
+    def via_function(x):
+        out = np.empty_like(x)
+        for i in numba.prange(x.shape[0]):
+            out[i] = masked_softmax(x[i])
+        return out
+
+    x = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(TypingError, match="masked_softmax"):
+        numba.njit(parallel=True)(via_module)(x)
+    with pytest.raises(TypingError, match="masked_softmax"):
+        numba.njit(parallel=True)(via_function)(x)
+    # ...and the process is fine: the supported way is one call on the whole batch
+    assert_matches_reference(fm.masked_softmax(x, backend="numba"), x)
+
+
+def test_set_num_threads_while_other_threads_call():
+    """Workers of a ThreadPoolExecutor change the process-wide count as they go: no harm."""
+    names = [n for n in COMPILED if fm.plugins.backends()[n].status()[0]]
+    cases = _cases()
+    expected = {n: [fm.masked_softmax(x, m, backend=n) for x, m in cases] for n in names}
+    setting = num_threads_setting()
+
+    def worker(seed: int) -> int:
+        bad = 0
+        for call in range(20):
+            fm.set_num_threads(1 + (seed + call) % 3)
+            k = (seed + call) % len(cases)
+            x, m = cases[k]
+            for n in names:
+                y = fm.masked_softmax(x, m, backend=n)
+                bad += not np.array_equal(y, expected[n][k], equal_nan=True)
+        return bad
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert sum(pool.map(worker, range(4))) == 0
+    finally:
+        fm.set_num_threads(setting)

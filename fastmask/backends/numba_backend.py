@@ -38,8 +38,16 @@ os.register_at_fork(after_in_child=_reset_lock_in_child)
 def _load():
     global _kernels
     if _kernels is None:
-        from ..kernels import numba_softmax  # selects the threading layer
+        import numba
 
+        from ..kernels import numba_softmax
+
+        # Select the layer here, before anything launches Numba's threads: the
+        # kernels module selects it only when it first compiles, and a first call
+        # that runs in parallel calls numba.set_num_threads() (which launches them)
+        # before that, which left the process on "omp" (fatal to forked children).
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            numba.config.THREADING_LAYER = "workqueue"
         _kernels = numba_softmax
     return _kernels
 
