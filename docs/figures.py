@@ -113,10 +113,49 @@ def minus_1e9(out: Path) -> None:
     plt.close(fig)
 
 
+def attention_tiles(out: Path) -> None:
+    """The tiles ``fastmask.attention`` computes (red) over the mask (grey), from its planner."""
+    from matplotlib.patches import Rectangle
+
+    from fastmask.attention_request import build_attention_requests
+    from fastmask.kernels.tiled_attention import plan_tiles
+
+    plt = _plt()
+    n, d, block = 512, 8, 64
+    q = np.zeros((1, 1, n, d), np.float32)
+    cases = [
+        ("causal()", masks.causal()),
+        ("padding(320)", masks.padding(320)),
+        ("sliding_window(96)", masks.sliding_window(96)),
+    ]
+    fig, axes = plt.subplots(1, len(cases), figsize=(9.6, 3.5))
+    for ax, (title, strategy) in zip(axes, cases, strict=True):
+        request = build_attention_requests(q, q, q, strategy)[0][0]
+        plan = plan_tiles(request, query_block=block)
+        keep = strategy.to_dense((n, n))
+        ax.imshow(keep, cmap="Greys", vmin=0, vmax=2.5, interpolation="nearest")
+        for qi, rows in enumerate(plan.queries.tolist()):
+            lo, hi = int(plan.lo[0, 0, qi]), int(plan.hi[0, 0, qi])
+            if lo < hi:
+                corner = (lo - 0.5, qi * plan.tq - 0.5)
+                ax.add_patch(Rectangle(corner, hi - lo, rows, fill=False, edgecolor="tab:red"))
+        share = 100.0 * plan.computed / (n * n)
+        ax.set_xlim(-8, n + 8)
+        ax.set_ylim(n + 8, -8)
+        ax.set_title(f"{title}: {share:.0f}% computed", fontsize=9, family="monospace")
+        ax.set_xlabel("key j", fontsize=8)
+        ax.set_ylabel("query i", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "attention_tiles.png", dpi=90)
+    plt.close(fig)
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gallery(out)
     minus_1e9(out)
+    attention_tiles(out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,14 @@ import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
-OPTIONAL = {"dask": "dask", "distributed": "dask", "torch": "bench"}
+OPTIONAL = {
+    "dask": "dask",
+    "distributed": "dask",
+    "torch": "bench",
+    "ray": "ray",
+    "jax": "interop",
+    "joblib": "test",
+}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
