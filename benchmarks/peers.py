@@ -51,6 +51,9 @@ def make_torch_masked_fill(inp: Inputs, threads: int) -> Peer:
         return None, "torch not installed (pip install 'fastmask[bench]')"
     torch.set_num_threads(threads)
     xt = torch.from_numpy(inp.x)
+    if inp.bias is not None:
+        bt = torch.from_numpy(inp.bias)
+        return (lambda: torch.softmax(xt + bt, -1)), "torch.softmax(x + bias, -1)"
     if inp.keep is None:
         return (lambda: torch.softmax(xt, -1)), "torch.softmax"
     drop = torch.from_numpy(~inp.keep)
@@ -59,19 +62,49 @@ def make_torch_masked_fill(inp: Inputs, threads: int) -> Peer:
     ), "torch.softmax(x.masked_fill(~keep, -inf), -1)"
 
 
+def make_torch_masked_softmax(inp: Inputs, threads: int) -> Peer:
+    """``torch._masked_softmax``, PyTorch's fused kernel (True = masked out)."""
+    torch = _torch()
+    if torch is None:
+        return None, "torch not installed (pip install 'fastmask[bench]')"
+    if inp.keep is None:
+        return None, "needs a mask"
+    torch.set_num_threads(threads)
+    xt = torch.from_numpy(inp.x)
+    b, _, lq, lk = inp.x.shape
+    if lq == lk and inp.keep.shape == (b, 1, 1, lk):
+        # mask_type 1: a (B, L) key padding mask on (B, H, L, L) input.
+        drop = torch.from_numpy(np.ascontiguousarray(~inp.keep[:, 0, 0, :]))
+        return (
+            lambda: torch._masked_softmax(xt, drop, -1, 1)
+        ), "torch._masked_softmax, (B, L) key padding mask (mask_type=1)"
+    # mask_type 2 needs the mask at the input's full shape (expanded once, untimed).
+    drop = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(~inp.keep, inp.x.shape)))
+    return (
+        lambda: torch._masked_softmax(xt, drop, -1, 2)
+    ), "torch._masked_softmax, mask expanded to the input's shape (mask_type=2)"
+
+
+_ONNX_TYPES = {np.dtype(np.float32): "FLOAT", np.dtype(np.float64): "DOUBLE",
+               np.dtype(np.float16): "FLOAT16"}  # fmt: skip
+
+
 def make_onnxruntime(inp: Inputs, threads: int) -> Peer:
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
         return None, "onnxruntime/onnx not installed (pip install 'fastmask[bench]')"
-    if inp.x.dtype != np.float32:
-        return None, "float32 only here"
-    if inp.keep is None:
-        bias = np.zeros((1,) * inp.x.ndim, np.float32)
+    dtype = inp.x.dtype
+    elem = getattr(TensorProto, _ONNX_TYPES[dtype])
+    if inp.bias is not None:
+        bias = inp.bias.astype(dtype)
+    elif inp.keep is None:
+        bias = np.zeros((1,) * inp.x.ndim, dtype)
     else:
-        bias = np.where(inp.keep, 0.0, -1e9).astype(np.float32)
+        # -1e9 overflows float16 to -inf; -65504 is its most negative finite value.
+        big = -65504.0 if dtype == np.float16 else -1e9
+        bias = np.where(inp.keep, 0.0, big).astype(dtype)
     graph = helper.make_graph(
         [
             helper.make_node("Add", ["x", "bias"], ["z"]),
@@ -79,19 +112,23 @@ def make_onnxruntime(inp: Inputs, threads: int) -> Peer:
         ],
         "add_softmax",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, list(inp.x.shape)),
-            helper.make_tensor_value_info("bias", TensorProto.FLOAT, list(bias.shape)),
+            helper.make_tensor_value_info("x", elem, list(inp.x.shape)),
+            helper.make_tensor_value_info("bias", elem, list(bias.shape)),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(inp.x.shape))],
+        [helper.make_tensor_value_info("y", elem, list(inp.x.shape))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # e.g. no CPU kernel for this dtype
+        return None, f"ONNX Runtime cannot run it: {str(exc).splitlines()[0][:80]}"
     feeds = {"x": inp.x, "bias": bias}
-    del onnx
     return (lambda: sess.run(None, feeds)), "ONNX Runtime Add(x, mask*-1e9) + Softmax"
 
 

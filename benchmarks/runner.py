@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -12,7 +14,8 @@ import numpy as np
 
 import fastmask as fm
 
-from . import peers
+from . import peers, reports, targets
+from .isolation import PeerProcess, is_peer
 from .workloads import WORKLOADS, Workload
 
 
@@ -20,8 +23,10 @@ from .workloads import WORKLOADS, Workload
 class Result:
     workload: str
     impl: str
-    seconds: float | None  # median per call
+    seconds: float | None  # median per call (throughput workloads)
     note: str = ""
+    value: float | None = None  # the other reports' measurements, in ``unit``
+    unit: str = ""
 
 
 def time_call(fn, repeats: int, warmup: int = 2) -> float:
@@ -39,48 +44,50 @@ def time_call(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(samples)
 
 
-def _impls(w: Workload, inp, threads: int, quick: bool):
-    """The implementations timed for a workload: its op's fastmask calls, then the peers."""
-    if w.op == "attention":
-        yield from _attention_impls(inp, threads, quick)
-    else:
-        yield from _softmax_impls(inp, threads, quick)
+# ----------------------------------------------------------- what each workload times
 
 
-def _softmax_impls(inp, threads: int, quick: bool):
-    yield "copy (np.copyto)", *peers.make_copy(inp, threads)
-    for backend in fm.plugins.backends():
+def _softmax_impls(inp, threads: int):
+    yield "copy (np.copyto)", lambda: peers.make_copy(inp, threads)
+    for backend, b in fm.plugins.backends().items():
         if backend == "numpy":
             continue
-        ok, why = fm.plugins.backends()[backend].status()
+        ok, why = b.status()
         if not ok:
-            yield f"fastmask[{backend}]", None, why
+            yield f"fastmask[{backend}]", lambda why=why: (None, why)
             continue
-        yield f"fastmask[{backend}] out=", *peers.make_fastmask(inp, threads, backend, True)
-        yield f"fastmask[{backend}]", *peers.make_fastmask(inp, threads, backend, False)
-    yield "fastmask (auto)", *peers.make_fastmask(inp, threads, None, False)
-    yield "numpy reference", *peers.make_numpy_reference(inp, threads)
-    yield "torch masked_fill+softmax", *peers.make_torch_masked_fill(inp, threads)
-    yield "onnxruntime add+softmax", *peers.make_onnxruntime(inp, threads)
+        yield (
+            f"fastmask[{backend}] out=",
+            lambda b=backend: peers.make_fastmask(inp, threads, b, True),
+        )
+        yield f"fastmask[{backend}]", lambda b=backend: peers.make_fastmask(inp, threads, b, False)
+    yield "fastmask (auto)", lambda: peers.make_fastmask(inp, threads, None, False)
+    yield "numpy reference", lambda: peers.make_numpy_reference(inp, threads)
+    yield "torch masked_fill+softmax", lambda: peers.make_torch_masked_fill(inp, threads)
+    yield "torch _masked_softmax", lambda: peers.make_torch_masked_softmax(inp, threads)
+    yield "onnxruntime add+softmax", lambda: peers.make_onnxruntime(inp, threads)
 
 
-def _attention_impls(inp, threads: int, quick: bool):
-    yield "copy (np.copyto q,k,v)", *peers.make_attention_copy(inp, threads)
-    for backend in fm.plugins.backends():
+def _attention_impls(inp, threads: int):
+    yield "copy (np.copyto q,k,v)", lambda: peers.make_attention_copy(inp, threads)
+    for backend, b in fm.plugins.backends().items():
         if backend == "numpy":
             continue
-        b = fm.plugins.backends()[backend]
         ok, why = b.status()
         if not ok or "attention" not in b.ops:
-            yield f"fastmask[{backend}]", None, why or "does not implement attention"
+            why = why or "does not implement attention"
+            yield f"fastmask[{backend}]", lambda why=why: (None, why)
             continue
-        yield f"fastmask[{backend}]", *peers.make_fastmask_attention(inp, threads, backend)
-    yield "fastmask (auto)", *peers.make_fastmask_attention(inp, threads, None)
-    yield "numpy reference", *peers.make_numpy_attention(inp, threads)
-    yield "torch sdpa", *peers.make_torch_sdpa(inp, threads)
-    yield "onnxruntime attention", *peers.make_onnxruntime_attention(inp, threads)
-    yield "tf tutorial (compat.tf)", *peers.make_tf_compat(inp, threads)
-    yield "tf tutorial (numpy)", *peers.make_tf_numpy(inp, threads)
+        yield (
+            f"fastmask[{backend}]",
+            lambda b=backend: peers.make_fastmask_attention(inp, threads, b),
+        )
+    yield "fastmask (auto)", lambda: peers.make_fastmask_attention(inp, threads, None)
+    yield "numpy reference", lambda: peers.make_numpy_attention(inp, threads)
+    yield "torch sdpa", lambda: peers.make_torch_sdpa(inp, threads)
+    yield "onnxruntime attention", lambda: peers.make_onnxruntime_attention(inp, threads)
+    yield "tf tutorial (compat.tf)", lambda: peers.make_tf_compat(inp, threads)
+    yield "tf tutorial (numpy)", lambda: peers.make_tf_numpy(inp, threads)
 
 
 #: Implementations that only need a few samples (slow yardsticks), per op.
@@ -90,75 +97,260 @@ _FEW_SAMPLES = {
 }
 
 
-def run_workload(w: Workload, threads: int, quick: bool, log=print) -> list[Result]:
-    rng = np.random.default_rng(0)
-    inp = w.make(rng)
+def _time_impls(w: Workload, threads: int, quick: bool, want, progress) -> list[Result]:
+    inp = w.make(np.random.default_rng(0))
+    impls = _attention_impls if w.op == "attention" else _softmax_impls
     repeats = w.quick_repeats if quick else w.repeats
-    results = []
     few = _FEW_SAMPLES.get(w.op, ())
-    for name, fn, note in _impls(w, inp, threads, quick):
+    results = []
+    for name, make in impls(inp, threads):
+        if not want(name):
+            continue
+        fn, note = make()
         if fn is None:
             results.append(Result(w.name, name, None, note))
-            continue
-        # The slow yardsticks only need a few samples.
-        r = repeats if not name.startswith(few) else max(2, repeats // 5)
-        seconds = time_call(fn, r)
-        log(f"  {w.name:<9} {name:<28} {seconds * 1e3:10.4f} ms")
-        results.append(Result(w.name, name, seconds, note))
+        else:
+            slow = name.startswith(few)
+            seconds = time_call(fn, max(2, repeats // 5) if slow else repeats, 1 if slow else 2)
+            results.append(Result(w.name, name, seconds, note))
+        progress(results[-1])
     return results
 
 
+def time_workload_peers(name: str, threads: int, quick: bool) -> list[Result]:
+    """The peers of one workload (run in the peer process, see ``isolation``)."""
+    fm.set_num_threads(threads)
+    return _time_impls(WORKLOADS[name], threads, quick, is_peer, lambda r: None)
+
+
+# ----------------------------------------------------------- the other reports
+
+
+def _scaling(threads: int, quick: bool, progress) -> list[Result]:
+    inp = WORKLOADS["W1"].make(np.random.default_rng(0))
+    repeats = 3 if quick else 10
+    results = []
+    for label, times in reports.thread_scaling(inp.x, inp.kwargs, threads, time_call, repeats):
+        for n, s in times.items():
+            results.append(Result("scaling", f"{label} {n} thread(s)", s))
+            progress(results[-1])
+        if len(times) == 2:
+            speedup = times[1] / times[threads]
+            results.append(Result("scaling", f"{label} speed-up", None, "", speedup, "x"))
+    return results
+
+
+def _startup(threads: int, quick: bool, progress) -> list[Result]:
+    rep = reports.cold_start(runs=3 if quick else 5)
+    results = [
+        Result("startup", "python -c 'import fastmask' (process)", None, "", rep["process"], "s"),
+        Result("startup", "import fastmask", None,
+               "imports numba" if rep["numba_imported"] else "numba not imported",
+               rep["import"], "s"),
+    ]  # fmt: skip
+    for key, value in rep.items():
+        if key.startswith("first call") and not key.endswith("backend"):
+            backend = key.split()[-1]
+            label = f"first call in a new process ({backend})"
+            note = f"routed to {rep[key + ' backend']}, kernel cache warm"
+            results.append(Result("startup", label, None, note, value, "s"))
+    for r in results:
+        progress(r)
+    return results
+
+
+def _memory(threads: int, quick: bool, progress) -> list[Result]:
+    results = []
+    for backend, m in reports.peak_memory().items():
+        baseline = m["before"] - m["input"]
+        used = m["peak"] - baseline
+        results += [
+            Result("memory", f"{backend} peak RSS", None, "", m["peak"], "B"),
+            Result("memory", f"{backend} input + output", None, "", m["input"] + m["output"], "B"),
+            Result("memory", f"{backend} peak - baseline - (input + output)", None,
+                   f"baseline (process before the input) {baseline / 2**20:.0f} MB",
+                   used - m["input"] - m["output"], "B"),
+        ]  # fmt: skip
+        progress(results[-1])
+    return results
+
+
+_REPORTS = {"scaling": _scaling, "startup": _startup, "memory": _memory}
+
+
+# ----------------------------------------------------------- the suite
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar on stderr when tqdm is installed (the bench extra), else nothing."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="timing", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _steps(name: str) -> int:
+    w = WORKLOADS[name]
+    if w.op in _REPORTS:
+        return 1
+    impls = _attention_impls if w.op == "attention" else _softmax_impls
+    return sum(1 for _ in impls(None, 1))
+
+
+def run_suite(names=None, threads: int | None = None, quick: bool = False, log=print,
+              isolate: bool = True, progress: bool = False) -> list[Result]:  # fmt: skip
+    """Run workloads and return their results.
+
+    Parameters
+    ----------
+    names : list of str, optional
+        Workload names (``WORKLOADS``); all of them by default.
+    threads : int, optional
+        Threads for fastmask and for the peers (default: fastmask's setting).
+    quick : bool
+        Fewer repeats.
+    log : callable or None
+        Receives one line per timing (None: quiet).
+    isolate : bool
+        Time the peers (PyTorch, ONNX Runtime) in a separate process.
+    progress : bool
+        Show a progress bar (tqdm) on stderr.
+    """
+    names = list(names or WORKLOADS)
+    for name in names:
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    threads = threads or fm.get_num_threads()
+    bar = _progress_bar(sum(_steps(n) for n in names), progress)
+    write = bar.write if bar is not None else (log or (lambda line: None))
+
+    def done(r: Result) -> None:
+        if r.seconds is not None:
+            write(f"  {r.workload:<9} {r.impl:<34} {r.seconds * 1e3:10.4f} ms")
+        if bar is not None:
+            bar.update(1)
+
+    old = fm.threads.num_threads_setting()  # None: the default (restored as such)
+    fm.set_num_threads(threads)
+    results: list[Result] = []
+    try:
+        with PeerProcess() if isolate else contextlib.nullcontext() as child:
+            for name in names:
+                w = WORKLOADS[name]
+                if w.op in _REPORTS:
+                    results += _REPORTS[w.op](threads, quick, done)
+                    continue
+                want = (lambda n: not is_peer(n)) if isolate else (lambda n: True)
+                mine = _time_impls(w, threads, quick, want, done)
+                if isolate:
+                    theirs = child.time_peers(name, threads, quick)
+                    for r in theirs:
+                        done(r)
+                    mine = _merge(w, mine, theirs)
+                results += mine
+    finally:
+        fm.set_num_threads(old)
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _merge(w: Workload, mine: list[Result], theirs: list[Result]) -> list[Result]:
+    """Both processes' results in the workload's own order."""
+    impls = _attention_impls if w.op == "attention" else _softmax_impls
+    order = {name: i for i, (name, _) in enumerate(impls(None, 1))}
+    return sorted(mine + theirs, key=lambda r: order.get(r.impl, len(order)))
+
+
+# ----------------------------------------------------------- the report
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s >= 1e-4 else f"{s * 1e6:.2f} us"
+
+
+def _fmt_value(r: Result) -> str:
+    if r.unit == "B":
+        return f"{r.value / 2**20:.1f} MB"
+    if r.unit == "s":
+        return f"{r.value:.3f} s"
+    return f"{r.value:.2f}{r.unit}"
+
+
 def format_table(results: list[Result]) -> str:
+    """The results as a plain-text table, one block per workload."""
     lines = []
     for wname in dict.fromkeys(r.workload for r in results):
         rows = [r for r in results if r.workload == wname]
-        copy = next((r.seconds for r in rows if r.impl.startswith("copy")), None)
-        fast = [r.seconds for r in rows if r.impl.startswith("fastmask") and r.seconds]
-        best = min(fast) if fast else None
         lines.append(f"{wname}: {WORKLOADS[wname].description}")
+        if WORKLOADS[wname].op in _REPORTS:
+            for r in rows:
+                shown = _fmt_time(r.seconds) if r.seconds is not None else _fmt_value(r)
+                lines.append(f"  {r.impl:<48} {shown:>12}   {r.note}".rstrip())
+            lines.append("")
+            continue
+        copy = next((r.seconds for r in rows if r.impl.startswith("copy")), None)
+        auto = next((r.seconds for r in rows if r.impl == "fastmask (auto)"), None)
         lines.append(
-            f"  {'implementation':<28} {'median':>12} {'x copy':>8} {'best fastmask is':>18}"
+            f"  {'implementation':<28} {'median':>12} {'x copy':>8} {'fastmask (auto) is':>20}"
         )
         for r in rows:
             if r.seconds is None:
                 lines.append(f"  {r.impl:<28} {'skipped':>12}   {r.note}")
                 continue
-            t = f"{r.seconds * 1e3:.3f} ms" if r.seconds >= 1e-4 else f"{r.seconds * 1e6:.2f} us"
             ratio = f"{r.seconds / copy:.2f}" if copy else "-"
             faster = (
-                f"{r.seconds / best:.1f}x faster"
-                if best and not r.impl.startswith("fastmask")
+                f"{r.seconds / auto:.1f}x faster"
+                if auto and not r.impl.startswith(("fastmask", "copy"))
                 else ""
             )
-            lines.append(f"  {r.impl:<28} {t:>12} {ratio:>8} {faster:>18}")
+            lines.append(f"  {r.impl:<28} {_fmt_time(r.seconds):>12} {ratio:>8} {faster:>20}")
+        lines.append("")
+    checked = targets.check(results)
+    if checked:
+        lines.append("targets:")
+        lines += [t.line() for t in checked]
         lines.append("")
     return "\n".join(lines)
 
 
-def run_suite(names=None, threads: int | None = None, quick: bool = False, log=print):
-    threads = threads or fm.get_num_threads()
-    old = fm.get_num_threads()
-    fm.set_num_threads(threads)
-    try:
-        results = []
-        for name in names or list(WORKLOADS):
-            if name not in WORKLOADS:
-                raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
-            results += run_workload(WORKLOADS[name], threads, quick, log)
-        return results
-    finally:
-        fm.set_num_threads(old)
+def machine() -> str:
+    """A one-line description of this machine for the report."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    return f"{cpu}, {fm.threads.available_cpus()} CPU(s) available"
 
 
 def run_cli(args) -> int:
     threads = args.threads or fm.get_num_threads()
-    print(f"fastmask {fm.__version__} bench: {platform.processor() or platform.machine()}, "
-          f"{threads} thread(s), numpy {np.__version__}")  # fmt: skip
-    results = run_suite(args.workload, threads, args.quick)
+    names = args.workload or (QUICK if args.quick else None)
+    print(f"fastmask {fm.__version__} bench: {machine()}; {threads} thread(s), "
+          f"numpy {np.__version__}")  # fmt: skip
+    results = run_suite(names, threads, args.quick, progress=not args.no_progress)
     print()
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": threads, "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump(
+                {"machine": machine(), "threads": threads, "quick": args.quick,
+                 "results": [asdict(r) for r in results],
+                 "targets": [asdict(t) for t in targets.check(results)]},
+                f, indent=1,
+            )  # fmt: skip
         print(f"wrote {args.json}")
+    if args.plot:
+        from .plot import plot_results
+
+        plot_results(results, args.plot, title=f"fastmask {fm.__version__}: {machine()}, "
+                     f"{threads} thread(s)")  # fmt: skip
+        print(f"wrote {args.plot}")
     return 0
+
+
+#: ``fastmask bench --quick`` without ``--workload``: the headline workloads, < 1 minute.
+QUICK = ["W1", "W3", "W4", "W6", "tiny", "scaling", "startup"]

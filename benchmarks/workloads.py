@@ -34,7 +34,7 @@ class Workload:
     name: str
     description: str
     make: Callable[[np.random.Generator], Inputs]
-    op: str = "masked_softmax"  # or "attention"
+    op: str = "masked_softmax"  # or "attention", or a report: "scaling", "startup", "memory"
     repeats: int = 10
     quick_repeats: int = 3
     tags: tuple[str, ...] = field(default=())
@@ -62,6 +62,25 @@ def _w2_causal(rng):
     return Inputs(x, {"mask": fm.masks.causal()}, keep)
 
 
+def _w3_decode(rng):
+    # One query per sequence against a left-padded KV cache of up to 4096 keys.
+    x = rng.standard_normal((16, 32, 1, 4096), dtype=np.float32)
+    lengths = _padding_lengths(rng, 16, 1, 4096)
+    keep = (np.arange(4096) >= 4096 - lengths[:, None])[:, None, None, :]
+    return Inputs(x, {"mask": fm.masks.padding(lengths, side="left")}, keep)
+
+
+def _w5(dtype):
+    return lambda rng: _w1_padding(rng, dtype)
+
+
+def _w6_bias(rng):
+    # The TF tutorial's additive mask: 1.0 marks padding, scaled by -1e9.
+    base = _w1_padding(rng)
+    bias = (~base.keep).astype(np.float32) * np.float32(-1e9)
+    return Inputs(base.x, {"bias": bias}, base.keep, bias=bias)
+
+
 def _w4_small(rng):
     x = rng.standard_normal((1, 12, 64, 64), dtype=np.float32)
     lengths = np.array([40])
@@ -87,6 +106,10 @@ def _tiny(rng):
     return Inputs(x, {}, None)
 
 
+def _no_inputs(rng):
+    return None  # the report builds its own inputs (often in a child process)
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
@@ -94,13 +117,25 @@ WORKLOADS: dict[str, Workload] = {
                  _w1_padding, tags=("core",)),
         Workload("W1-dense", "W1 with a dense (8,1,1,512) bool mask", _w1_dense),
         Workload("W2", "causal prefill (1,16,2048,2048) f32, causal()", _w2_causal, repeats=5),
+        Workload("W3", "decode (16,32,1,4096) f32, left padding(lengths in [1,4096])",
+                 _w3_decode, repeats=200, quick_repeats=40),
         Workload("W4", "small (1,12,64,64) f32, padding", _w4_small, repeats=2000,
                  quick_repeats=300),
+        Workload("W5-f16", "W1 in float16 (computed in float32)", _w5(np.float16)),
+        Workload("W5-f64", "W1 in float64", _w5(np.float64)),
+        Workload("W6", "W1 with TF's additive mask: bias = mask * -1e9 (8,1,1,512) f32",
+                 _w6_bias),
         Workload("tiny", "tiny (1,1,1,8) f32, no mask: per-call overhead", _tiny,
                  repeats=20000, quick_repeats=3000, tags=("core",)),
         Workload("A1", "attention (8,12,512,64) f32, padding(lengths in [128,512])",
                  _a1_padding, op="attention", tags=("attention",)),
         Workload("A2", "attention causal prefill (1,16,2048,64) f32, causal()", _a2_causal,
                  repeats=5, op="attention", tags=("attention",)),
+        Workload("scaling", "thread scaling: W1 with 1 thread and with N", _no_inputs,
+                 op="scaling"),
+        Workload("startup", "cold start: import, and the first call in a new process",
+                 _no_inputs, op="startup"),
+        Workload("memory", "peak resident memory of W2 (268 MB input) in a new process",
+                 _no_inputs, op="memory"),
     ]
 }  # fmt: skip

@@ -54,10 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="version, backends, threads, plugins")
     sub.add_parser("demo", help="a small worked example with padding and causal masks")
     bench = sub.add_parser("bench", help="run the benchmark suite")
-    bench.add_argument("--quick", action="store_true", help="fewer repeats, smaller peers")
-    bench.add_argument("--workload", action="append", help="run only these workloads")
+    bench.add_argument(
+        "--quick", action="store_true",
+        help="fewer repeats and only the headline workloads (under a minute)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--workload", action="append",
+        help="run only this workload (repeatable): W1 W1-dense W2 W3 W4 W5-f16 W5-f64 W6 "
+        "tiny A1 A2 scaling startup memory",
+    )  # fmt: skip
     bench.add_argument("--threads", type=int, help="thread count for fastmask and peers")
-    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()

@@ -1,0 +1,75 @@
+"""Peers timed in a separate process, so that neither library's thread pool slows the other.
+
+OpenMP runtimes keep their worker threads spinning for a while after a parallel
+region; two of them in one process (fastmask's and PyTorch's or ONNX Runtime's)
+steal each other's cores on a small machine and make the second one look slow.
+The suite therefore times the peers in one long-lived child Python process (a
+fresh interpreter, so no inherited thread pools and no re-import of the caller's
+``__main__``) that rebuilds the workload's inputs from the same seed. Requests and
+results travel as JSON lines over the child's stdin and stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+#: Implementation names (prefixes) that are peers rather than fastmask or a yardstick.
+PEER_PREFIXES = ("torch", "onnxruntime", "tf tutorial")
+_TAG = "fastmask-bench-result: "
+_READY = "fastmask-bench-ready"
+
+
+def is_peer(name: str) -> bool:
+    return name.startswith(PEER_PREFIXES)
+
+
+class PeerProcess:
+    """One child interpreter that times peers on request; use as a context manager."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", f"from {__name__} import _serve; _serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        # Wait until the child has started up: its imports must not overlap the
+        # parent's first timings.
+        for line in self._proc.stdout:
+            if line.startswith(_READY):
+                return
+        raise RuntimeError(f"the peer process died (exit code {self._proc.wait()}); see stderr")
+
+    def time_peers(self, workload: str, threads: int, quick: bool) -> list:
+        from .runner import Result
+
+        request = {"workload": workload, "threads": threads, "quick": quick}
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        for line in self._proc.stdout:
+            if line.startswith(_TAG):
+                return [Result(**r) for r in json.loads(line[len(_TAG) :])]
+        raise RuntimeError(f"the peer process died (exit code {self._proc.wait()}); see stderr")
+
+    def __enter__(self) -> PeerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+def _serve() -> None:
+    from .runner import time_workload_peers
+
+    print(_READY, flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        results = time_workload_peers(req["workload"], req["threads"], req["quick"])
+        print(_TAG + json.dumps([asdict(r) for r in results]), flush=True)
