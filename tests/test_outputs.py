@@ -77,7 +77,7 @@ def test_concurrent_calls_never_share_an_output():
     for t in threads:
         t.join()
     assert not errors, errors[0]
-    del want  # (pooled outputs too)
+    want.clear()  # (pooled outputs too)
     used, free = outputs.pooled_bytes()
     assert used == 0 and free <= outputs._max_free_bytes
     assert len(outputs._blocks) <= outputs.MAX_BLOCKS
