@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import device, router
+from . import device, device_attention, router
 from .api import _like
 from .attention_request import build_attention_requests
 from .masks import MaskStrategy
@@ -94,7 +94,7 @@ def attention(
            [2., 3.]], dtype=float32)
     """
     if device.any_device_array(q, k, v):  # GPU memory: validated and routed by fastmask.device
-        return device.attention(q, k, v, mask, bias=bias, scale=scale,
+        return device_attention.attention(q, k, v, mask, bias=bias, scale=scale,
                                 return_weights=return_weights, backend=backend)  # fmt: skip
     requests, out, weights = build_attention_requests(
         q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights
@@ -150,7 +150,7 @@ def explain_attention(
         microseconds); ``print()`` it for a table.
     """
     if device.any_device_array(q, k, v):
-        return device.explain_attention(q, k, v, mask, bias=bias, scale=scale,
+        return device_attention.explain_attention(q, k, v, mask, bias=bias, scale=scale,
                                         return_weights=return_weights, backend=backend)  # fmt: skip
     requests, _, _ = build_attention_requests(
         q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights

@@ -2,7 +2,7 @@
 
 Device arrays (``__cuda_array_interface__``) arrive as
 :class:`fastmask.device.DeviceSoftmaxRequest` or
-:class:`fastmask.device.DeviceAttentionRequest` and stay on the device. Host
+:class:`fastmask.device_attention.DeviceAttentionRequest` and stay on the device. Host
 arrays arrive as the usual :class:`fastmask.request.SoftmaxRequest` or
 :class:`fastmask.attention_request.AttentionRequest` only when the caller forces
 ``backend="cuda"``: they are copied in, computed, and copied back.
@@ -165,7 +165,8 @@ class CudaBackend(Backend):
         np.copyto(request.out4, memory.to_host(od))
 
     def attention_device(self, request) -> None:
-        """Compute a :class:`fastmask.device.DeviceAttentionRequest` (asynchronous on a GPU)."""
+        """Compute a :class:`fastmask.device_attention.DeviceAttentionRequest`
+        (asynchronous on a GPU)."""
         self._run_attention(
             request.q4, request.k4, request.v4, request.out4, request.weights4,
             request.keep4, request.bias4, request.bounds4, request.scale, request.group,
