@@ -32,6 +32,12 @@ Contents
   (cache-bypassing) stores of whole 64-byte lines of the output, so that a
   large output is written without first being read into the cache, and the
   fence that makes them visible; ``misalign(p)`` finds the line boundaries.
+- ``lane_sum(p, n)``: the sum of ``p[0:n]`` (float32 or float64) in a fixed
+  order that depends on ``n`` only: :data:`SUM_LANES` lanes over whole
+  blocks, a masked last block, then a fixed pairwise tree. Emitted as
+  explicit vector IR with no fast-math flags, so neither the vectoriser's
+  choices (runtime alias checks, epilogues) nor the address of ``p`` can
+  change the result.
 - ``address(a, i)``: a typed pointer (``CPointer``) to ``a[i]`` of a 1-D
   array or pointer; ``prefetch(p, i, write)``: ``llvm.prefetch`` of the
   cache line holding ``p[i]`` (no effect on results).
@@ -68,6 +74,7 @@ __all__ = [
     "half_to_f32",
     "half_to_f32_soft",
     "install",
+    "lane_sum",
     "misalign",
     "opaque",
     "prefetch",
@@ -82,6 +89,9 @@ __all__ = [
 EXP_FASTMATH: frozenset[str] = frozenset({"nsz", "arcp", "contract", "afn"})
 #: Fast-math flags of the float16 conversions: none, they are exact.
 HALF_FASTMATH: frozenset[str] = frozenset()
+#: Lanes of :func:`lane_sum` per dtype name: 128 bytes, two 64-byte vectors
+#: (independent add chains) with AVX-512, four with AVX2.
+SUM_LANES: dict[str, int] = {"float32": 32, "float64": 16}
 
 # --------------------------------------------------------------------------
 # constants (numpy scalars: Numba freezes them with their own type)
@@ -191,6 +201,27 @@ def address(a, i):
     a pointer costs no wraparound check and no reference counting, which is
     what keeps the per-row overhead of the kernel small.
     """
+
+
+def lane_sum(p, n):
+    """Sum of ``p[0:n]`` (a float32/float64 pointer or array) in a fixed order.
+
+    ``L = SUM_LANES[dtype]`` accumulators start at 0; lane ``l`` adds
+    ``p[i + l]`` for each whole block ``i = 0, L, 2L, ...``, then the last
+    ``n % L`` elements (lane ``l`` adds ``p[n - n % L + l]``, the others 0).
+    The lanes are then added pairwise, ``acc[l] + acc[l + L/2]`` and so on
+    down to one. All in the dtype of ``p``, no reassociation: the result
+    depends only on ``n`` and the values, never on where ``p`` points.
+    """
+    a = np.asarray(p)[:n]
+    lanes = SUM_LANES[a.dtype.name]
+    acc = np.zeros(lanes, a.dtype)
+    for i in range(0, n, lanes):
+        blk = a[i : i + lanes]
+        acc[: blk.size] += blk
+    while acc.size > 1:
+        acc = acc[: acc.size // 2] + acc[acc.size // 2 :]
+    return acc[0]
 
 
 def call_row_fn(addr, p, b, h, q, k0, n):
@@ -524,6 +555,77 @@ def _make_intrinsics():
         return types.none(dst, j, src, k, scale), codegen
 
     @intrinsic
+    def lane_sum_(typingctx, p, n):
+        if not (
+            isinstance(p, types.CPointer)
+            and p.dtype in (types.float32, types.float64)
+            and isinstance(n, types.Integer)
+        ):
+            return None
+        ft = p.dtype
+        lanes = SUM_LANES[str(ft)]
+
+        def codegen(context, builder, signature, args):
+            # Explicit vector IR. The adds carry only `contract` (meaningless for a
+            # lone fadd): Numba's fast-math pass adds its flags (reassoc) to float
+            # ops that have none, and with reassoc LLVM could reorder the sum.
+            pp, nv = args
+
+            def fadd(a, b):
+                return builder.fadd(a, b, flags=("contract",))
+
+            intp = context.get_value_type(types.intp)
+            i32 = ir.IntType(32)
+            nv = context.cast(builder, nv, n, types.intp)
+            cty = context.get_value_type(ft)
+            vty = ir.VectorType(cty, lanes)
+            align = ft.bitwidth // 8
+            zero = ir.Constant(vty, None)
+            acc = cgutils.alloca_once_value(builder, zero)  # mem2reg makes it a phi
+            nfull = builder.and_(nv, intp(-lanes))
+            with cgutils.for_range_slice(builder, intp(0), nfull, intp(lanes)) as (i, _):
+                v = builder.load(
+                    builder.bitcast(builder.gep(pp, [i]), vty.as_pointer()), align=align
+                )
+                builder.store(fadd(builder.load(acc), v), acc)
+            rem = builder.sub(nv, nfull)
+            with builder.if_then(builder.icmp_signed(">", rem, intp(0))):
+                # lanes l < rem of the last block; the others are not read
+                ity = ir.VectorType(intp, lanes)
+                idx = ir.Constant(ity, [intp(k) for k in range(lanes)])
+                splat = builder.insert_element(ir.Constant(ity, ir.Undefined), rem, i32(0))
+                splat = builder.shuffle_vector(
+                    splat,
+                    ir.Constant(ity, ir.Undefined),
+                    ir.Constant(ir.VectorType(i32, lanes), None),
+                )
+                mask = builder.icmp_signed("<", idx, splat)
+                vptr = builder.bitcast(builder.gep(pp, [nfull]), vty.as_pointer())
+                suffix = f"v{lanes}f{ft.bitwidth}"
+                fnty = ir.FunctionType(vty, [vptr.type, i32, mask.type, vty])
+                fn = cgutils.get_or_insert_function(
+                    builder.module, fnty, f"llvm.masked.load.{suffix}.p0"
+                )
+                v = builder.call(fn, [vptr, i32(align), mask, zero])
+                builder.store(fadd(builder.load(acc), v), acc)
+            a = builder.load(acc)
+            width = lanes
+            while width > 1:  # fixed pairwise tree: lanes l and l + width/2
+                half = width // 2
+                undef = ir.Constant(ir.VectorType(cty, width), ir.Undefined)
+                lo = builder.shuffle_vector(
+                    a, undef, ir.Constant(ir.VectorType(i32, half), list(range(half)))
+                )
+                hi = builder.shuffle_vector(
+                    a, undef, ir.Constant(ir.VectorType(i32, half), list(range(half, width)))
+                )
+                a = fadd(lo, hi)
+                width = half
+            return builder.extract_element(a, i32(0))
+
+        return ft(p, n), codegen
+
+    @intrinsic
     def stream_zero_line_(typingctx, dst, j):
         if not isinstance(dst, types.CPointer):
             return None
@@ -578,6 +680,7 @@ def _make_intrinsics():
         "stream_line": stream_line_,
         "stream_zero_line": stream_zero_line_,
         "store_fence": store_fence_,
+        "lane_sum": lane_sum_,
         "opaque": opaque_,
         "float_bits": float_bits_,
         "f32_from_bits": _from_bits(types.float32, types.int32, 32),

@@ -33,7 +33,13 @@ Per row ``(b, h, q)`` with kept range ``[lo, hi)`` (``bounds`` clipped):
 2. ``e_k = exp(z_k - m)`` (0 where masked) into ``out``, or into a per-thread
    buffer in the compute dtype (float16, non-unit output strides, streaming
    stores); summed in blocks of :data:`_BLOCK` in the compute dtype, the
-   blocks added in float64.
+   blocks added in float64. Each block is summed after its exp loop, from
+   memory, by ``numba_exp.lane_sum`` (fixed lanes, a fixed tree), not as a
+   reduction inside the exp loop: LLVM guards that loop with a runtime check
+   of its pointers (for some, "are they less than 256 bytes apart") and falls
+   back to a scalar loop, which would sum in another order. The result
+   would then depend on where the scratch rows happen to be allocated, so on
+   the heap, the thread count and the process.
 3. ``out_k = e_k * (1 / s)``; positions outside ``[lo, hi)`` are written 0
    and never read (``x``, ``keep`` and ``bias`` alike).
 
@@ -92,10 +98,12 @@ __all__ = [
     "score_row_function",
 ]
 
-#: Fast-math flags of the row loops and kernels. ``reassoc`` lets the sum
-#: vectorise; no ``nnan``/``ninf`` (``-inf`` and NaN carry the semantics).
-#: The exp itself is compiled separately with ``numba_exp.EXP_FASTMATH``
-#: (no ``reassoc``) and inlined by LLVM, keeping its own flags.
+#: Fast-math flags of the row loops and kernels. ``reassoc`` lets the loops
+#: vectorise freely (the max reduction is exact in any order); no
+#: ``nnan``/``ninf`` (``-inf`` and NaN carry the semantics). The exp itself is
+#: compiled separately with ``numba_exp.EXP_FASTMATH`` (no ``reassoc``) and
+#: inlined by LLVM, keeping its own flags; the sum of pass 2 is
+#: ``numba_exp.lane_sum``, whose adds carry no ``reassoc`` (a fixed order).
 LOOP_FASTMATH: frozenset[str] = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
 #: Elements per partial sum in pass 2 (summed in the compute dtype, then
@@ -147,6 +155,11 @@ def _store_c(p, i, v):
 def _exp_c(z):
     """``exp`` of the compute dtype (``numba_exp.exp_f32`` / ``exp_f64``)."""
     return np.exp(z)
+
+
+def _sum_c(p, n):
+    """Sum of ``p[0:n]`` in the compute dtype, in a fixed order (``numba_exp.lane_sum``)."""
+    return np.sum(p[:n])
 
 
 def _cval(p, v):
@@ -217,7 +230,7 @@ def _pass1(xp, kp, bp, n, sc, hk, hb):
 
 
 def _pass2(xp, kp, bp, ep, n, sc, m, hk, hb):
-    """ep[j] = exp(z_j - m) (0 where masked); returns the sum (compute dtype).
+    """ep[j] = exp(z_j - m) (0 where masked). No sum here: see :func:`_row_core`.
 
     ``ep`` None: write into ``xp`` (in place). The loops then see one pointer
     for reads and writes, and LLVM vectorises them without a runtime overlap
@@ -225,31 +238,21 @@ def _pass2(xp, kp, bp, ep, n, sc, m, hk, hb):
     """
     ep = _dest(xp, ep)
     zero = _cval(bp, 0.0)
-    s = zero
     if hk:
         if hb:
             for j in range(n):
                 e = _exp_c(_load_c(xp, j) * sc + bp[j] - m)
-                e = e if kp[j] != 0 else zero
-                _store_c(ep, j, e)
-                s += e
+                _store_c(ep, j, e if kp[j] != 0 else zero)
         else:
             for j in range(n):
                 e = _exp_c(_load_c(xp, j) * sc - m)
-                e = e if kp[j] != 0 else zero
-                _store_c(ep, j, e)
-                s += e
+                _store_c(ep, j, e if kp[j] != 0 else zero)
     elif hb:
         for j in range(n):
-            e = _exp_c(_load_c(xp, j) * sc + bp[j] - m)
-            _store_c(ep, j, e)
-            s += e
+            _store_c(ep, j, _exp_c(_load_c(xp, j) * sc + bp[j] - m))
     else:
         for j in range(n):
-            e = _exp_c(_load_c(xp, j) * sc - m)
-            _store_c(ep, j, e)
-            s += e
-    return s
+            _store_c(ep, j, _exp_c(_load_c(xp, j) * sc - m))
 
 
 def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
@@ -266,17 +269,23 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
         return 1, one
     s = 0.0
     for j0 in range(0, n, _BLOCK):
-        s += _pass2(
+        nb = min(n - j0, _BLOCK)
+        _pass2(
             _ne.address(xp, j0),
             _ne.address(kp, j0),
             _ne.address(bp, j0),
             _skip(ep, j0),
-            min(n - j0, _BLOCK),
+            nb,
             sc,
             m,
             hk,
             hb,
         )
+        # Summed from memory (the block is in L1) in a fixed lane order, not in
+        # the exp loop: LLVM versions that loop on a runtime overlap check of
+        # its pointers, whose scalar fallback would sum in another order, so
+        # the bits would depend on scratch addresses (see the module docstring).
+        s += _sum_c(_dest(_ne.address(xp, j0), _skip(ep, j0)), nb)
     return 0, _cval(bp, 1.0 / s)
 
 
@@ -721,6 +730,19 @@ def _install() -> None:
             if z == types.float64:
                 return lambda z: _ne.exp_f64(z)
             return None
+
+        @overload(_sum_c, jit_options=jit_options)
+        def _ov_sum_c(p, n):
+            if is_half_type(p):
+                # typed but never run: float16 weights live in a float32 buffer
+                def impl(p, n):
+                    s = np.float32(0.0)
+                    for j in range(n):
+                        s += _ne.half_to_f32(p[j])
+                    return s
+
+                return impl
+            return lambda p, n: _ne.lane_sum(p, n)
 
         @overload(_cval, jit_options=jit_options)
         def _ov_cval(p, v):
