@@ -30,6 +30,12 @@ def _python(code: str, timeout: float = 300) -> str:
 # --------------------------------------------------------------------- thread scaling
 
 
+def _routes() -> list[str | None]:
+    """None (the router's choice), then each available backend other than the reference."""
+    table = fm.plugins.backends()
+    return [None, *(n for n, b in table.items() if n != "numpy" and b.status()[0])]
+
+
 def _threaded_copy(out: np.ndarray, x: np.ndarray, n: int):
     """``np.copyto`` of ``n`` slices in ``n`` threads (NumPy releases the GIL): the
     memory-bandwidth floor for ``n`` threads."""
@@ -55,10 +61,7 @@ def thread_scaling(x, kwargs, threads: int, timer, repeats: int):
                                   for n in sorted({1, threads})})]  # fmt: skip
     old = fm.threads.num_threads_setting()  # None: the default (restored as such)
     try:
-        for backend in [None, *(b for b in fm.plugins.backends() if b != "numpy")]:
-            ok, _ = fm.plugins.backends()[backend].status() if backend else (True, "")
-            if not ok:
-                continue
+        for backend in _routes():
             label = f"fastmask[{backend}]" if backend else "fastmask (auto)"
             times = {}
             for n in sorted({1, threads}):
@@ -112,10 +115,7 @@ def cold_start(runs: int = 5) -> dict:
     report["process"] = statistics.median(wall)
     report["import"] = statistics.median(inner)
     report["numba_imported"] = numba_imported
-    for backend in [None, *(b for b in fm.plugins.backends() if b != "numpy")]:
-        ok, _ = fm.plugins.backends()[backend].status() if backend else (True, "")
-        if not ok:
-            continue
+    for backend in _routes():
         _python(_FIRST_CALL.format(backend=backend))  # warms the kernel cache
         first = [json.loads(_python(_FIRST_CALL.format(backend=backend))) for _ in range(3)]
         report[f"first call {backend or 'auto'}"] = statistics.median(f["first"] for f in first)
@@ -154,9 +154,6 @@ def peak_memory() -> dict:
     ``before``).
     """
     report = {}
-    for backend in [None, *(b for b in fm.plugins.backends() if b != "numpy")]:
-        ok, _ = fm.plugins.backends()[backend].status() if backend else (True, "")
-        if not ok:
-            continue
+    for backend in _routes():
         report[backend or "auto"] = json.loads(_python(_MEMORY.format(backend=backend)))
     return report
