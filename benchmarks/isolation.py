@@ -28,36 +28,46 @@ def is_peer(name: str) -> bool:
 
 
 class PeerProcess:
-    """One child interpreter that times peers on request; use as a context manager."""
+    """One child interpreter that times peers on request; use as a context manager.
+
+    The child starts on the first request, and the request waits until it has
+    started up: its imports must not overlap the parent's timings.
+    """
 
     def __init__(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", f"from {__name__} import _serve; _serve()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
-        # Wait until the child has started up: its imports must not overlap the
-        # parent's first timings.
+        self._proc: subprocess.Popen | None = None
+
+    def _line(self, tag: str) -> str:
+        """The child's next stdout line that starts with ``tag``, without the tag."""
+        assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            if line.startswith(_READY):
-                return
+            if line.startswith(tag):
+                return line[len(tag) :]
         raise RuntimeError(f"the peer process died (exit code {self._proc.wait()}); see stderr")
 
     def time_peers(self, workload: str, threads: int, quick: bool) -> list:
         from .runner import Result
 
+        if self._proc is None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", f"from {__name__} import _serve; _serve()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            )  # fmt: skip
+            self._line(_READY)
+        assert self._proc.stdin is not None
         request = {"workload": workload, "threads": threads, "quick": quick}
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
-        for line in self._proc.stdout:
-            if line.startswith(_TAG):
-                return [Result(**r) for r in json.loads(line[len(_TAG) :])]
-        raise RuntimeError(f"the peer process died (exit code {self._proc.wait()}); see stderr")
+        return [Result(**r) for r in json.loads(self._line(_TAG))]
 
     def __enter__(self) -> PeerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._proc is None:
+            return
+        assert self._proc.stdin is not None
         self._proc.stdin.close()
         try:
             self._proc.wait(timeout=30)
