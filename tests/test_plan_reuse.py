@@ -67,3 +67,15 @@ def test_interval_bounds_of_empty_axes(backend, shape):
     mask = fm.masks.causal() & fm.masks.padding(np.full(shape[0], min(shape[-1], 2)))
     y = fm.masked_softmax(np.zeros(shape, np.float32), mask, backend=backend)
     assert y.shape == shape
+
+
+def test_a_pickled_strategy_leaves_its_remembered_plan_behind():
+    import pickle
+
+    mask = fm.masks.causal() & fm.masks.padding([3, 5])
+    x = np.zeros((2, 4, 64, 64), np.float32)
+    fm.masked_softmax(x, mask)
+    assert "_fastmask_plan" in vars(mask)
+    copy = pickle.loads(pickle.dumps(mask))
+    assert "_fastmask_plan" not in vars(copy)
+    np.testing.assert_array_equal(fm.masked_softmax(x, copy), fm.masked_softmax(x, mask))

@@ -112,6 +112,13 @@ class MaskStrategy:
     def _dense(self, shape: tuple[int, ...]) -> np.ndarray:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict:
+        # The plan fastmask remembers for the last shape (fastmask.request) stays
+        # behind: it is derived data, and can be larger than the strategy.
+        state = self.__dict__.copy()
+        state.pop("_fastmask_plan", None)
+        return state
+
     def to_dense(self, shape: tuple[int, ...]) -> np.ndarray:
         """Materialise the mask as a boolean array of ``shape`` (True = keep).
 
