@@ -35,8 +35,8 @@ from .request import (
     _check_float,
     _fold,
     _mask_key,
-    _scale,
     as_array,
+    check_scale,
     mask_dtype_error,
 )
 from .threads import get_num_threads
@@ -242,7 +242,7 @@ def attention_dims(q: Any, k: Any, v: Any, scale: Any, return_weights: Any) -> A
     batch, hq, hk = attention_shapes(q, k, v)
     lq, d = q.shape[-2:]
     lk, dv = v.shape[-2:]
-    s = (1.0 / math.sqrt(d) if d > 0 else 1.0) if scale is None else _scale(scale)
+    s = (1.0 / math.sqrt(d) if d > 0 else 1.0) if scale is None else check_scale(scale)
     return AttentionDims(batch, hq // hk, hk, lq, d, lk, dv, s)
 
 

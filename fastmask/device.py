@@ -52,8 +52,8 @@ from .request import (
     _bounds4,
     _check_float,
     _mask_key,
-    _scale,
     as_array,
+    check_scale,
     device_array_error,
     mask_dtype_error,
     softmax_axis,
@@ -439,7 +439,7 @@ def prepare(
         raise TypeError(f"x is a non-native byte order device array ({xs.dtype})")
     nd = xs.ndim
     ax = softmax_axis(axis, nd)
-    s = _scale(scale)
+    s = check_scale(scale)
     shape = xs.shape
 
     strategy, keep, keep_where = mask_operand(mask, shape, "the logits' shape")

@@ -185,9 +185,6 @@ def check_scale(scale: Any) -> float:
     return s
 
 
-_scale = check_scale
-
-
 def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
     """Validate ``out``; return it and whether it is ``x`` itself (in place)."""
     o = as_array(out, "out")
@@ -338,7 +335,7 @@ def build_softmax_requests(
     xa = _check_float(as_array(x, "x"), "x (the logits)", LOGITS_HINT)
     nd = xa.ndim
     ax = softmax_axis(axis, nd)
-    s = _scale(scale)
+    s = check_scale(scale)
 
     strategy: MaskStrategy | None
     if mask is None or isinstance(mask, MaskStrategy):
