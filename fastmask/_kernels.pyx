@@ -44,6 +44,7 @@ cdef extern from "_softmax_row.h" nogil:
         double scale
         int has_keep
         int has_bias
+        int stream
         const char *x_lo
         const char *x_hi
         const char *o_lo
@@ -86,6 +87,8 @@ cdef extern from "_softmax_row.h" nogil:
     const fm_isa_t *fm_isa()
     fm_row_fn fm_row_for(int dtype_code)
     fm_row2_fn fm_row2_for(int dtype_code, const fm_row_args *a)
+    int fm_can_stream(int dtype_code)
+    void fm_store_fence()
     int FM_X86_MV
 
 
@@ -113,6 +116,9 @@ _TYPE_NAMES = {cnp.NPY_BOOL: "bool", cnp.NPY_FLOAT: "float32", cnp.NPY_DOUBLE: "
 
 # Set by after_fork_in_child(): this process must not enter an OpenMP region again.
 cdef bint _serial_only = False
+# Outputs at least this large are written with streaming stores where the layout
+# allows (float32, AVX-512): far larger than the caches, they would only evict.
+cdef Py_ssize_t _STREAM_MIN_BYTES = 32 << 20
 # Set by before_fork() when it freed the OpenMP pool with no region in flight: the
 # child of the fork that follows may keep using OpenMP.
 cdef bint _pool_paused_for_fork = False
@@ -191,6 +197,8 @@ cdef inline void _softmax_rows(const _plan *p,   # IN  the call's arrays and str
                 b += 1
     if pending:  # an odd row out
         p.fn(&p.args, xr, orow, NULL, NULL, lo2, hi2, scratch)
+    if p.args.stream:
+        fm_store_fence()
 
 
 cdef inline void _extent(cnp.ndarray a, const char **lo, const char **hi) noexcept:
@@ -454,6 +462,12 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
             p.dst[i] = cnp.PyArray_STRIDES(a)[i]
 
     p.fn2 = fm_row2_for(dcode, &p.args)
+    p.args.stream = 0
+    if (fm_can_stream(dcode) and N > 64 and item == 4 and p.args.x_stride == 4
+            and p.args.out_stride == 4 and B * H * Q * N * 4 >= _STREAM_MIN_BYTES
+            and (<size_t>p.o) % 64 == 0 and p.ost[0] % 64 == 0 and p.ost[1] % 64 == 0
+            and p.ost[2] % 64 == 0):
+        p.args.stream = 1  # rows on 64-byte boundaries (see fm_row_f32_avx512_stream)
 
     # ---- prefetch distance: about 4 KiB ahead, in whole rows of x (the next rows a
     # thread processes are r + 1, r + 2, ...: along q, else h, else b)
@@ -562,6 +576,15 @@ def build_info():
 
 
 # ------------------------------------------------------------- test and debug helpers
+
+def _set_stream_min_bytes(n):
+    """Set the output size from which streaming stores are used; returns the old one
+    (tests and benchmarks compare both paths)."""
+    global _STREAM_MIN_BYTES
+    old = _STREAM_MIN_BYTES
+    _STREAM_MIN_BYTES = n
+    return old
+
 
 def _isa():
     """Name of the kernel variant in use ("generic", "avx2", "avx512")."""

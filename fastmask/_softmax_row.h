@@ -164,6 +164,7 @@ typedef struct {
     double scale;
     int has_keep;
     int has_bias;
+    int stream; /* float32 rows written with streaming stores (see fm_row_f32_avx512_stream) */
     /* Byte extents [lo, hi) of each array, checked by FM_CHECK_SPAN in debug builds. */
     const char *x_lo, *x_hi, *o_lo, *o_hi, *k_lo, *k_hi, *b_lo, *b_hi;
 } fm_row_args;
@@ -632,6 +633,62 @@ FM_TARGET_AVX512 FM_INLINE __mmask16 fm_lanes16(fm_ssize base, fm_ssize from, fm
 
 #define FM_SHORT_MAX 64
 
+/*
+ * Long float32 rows of a large output with AVX-512: computed by the general core,
+ * then written with streaming (non-temporal) stores of whole 64-byte lines, kept
+ * values and the zeros around them alike. A normal store first reads each output
+ * line into the cache (read for ownership): a third of the memory traffic of an
+ * output far larger than the caches, for lines that are overwritten whole. The
+ * caller sets a->stream only for unit-stride float32 x and out whose rows start on
+ * 64-byte boundaries (a row's last partial line gets an ordinary store), and
+ * calls fm_store_fence() when its rows are done. Rows that do not start on a line
+ * boundary are not streamed: measured on Zen 5, W6 with such an output took 8.5 ms
+ * streamed against 5.8 ms with ordinary stores (and 5.2 ms streamed when aligned). Unusual rows (nothing kept, NaN) take the general path.
+ */
+/* Weights of keys j .. j+15: e[k - lo] * inv for kept keys k in [lo, hi), 0 elsewhere
+ * (lanes outside [lo, hi) are not read). */
+FM_TARGET_AVX512 FM_INLINE __m512 fm_weights16(const float *e, __m512 iv, fm_ssize j, fm_ssize lo,
+                                               fm_ssize hi)
+{
+    const float *src = (const float *)((uintptr_t)e + (uintptr_t)((j - lo) * 4));
+    return _mm512_mul_ps(_mm512_maskz_loadu_ps(fm_lanes16(j, lo, hi), src), iv);
+}
+
+static FM_TARGET_AVX512 void fm_row_f32_avx512_stream(FM_ROW_PARAMS)
+{
+    const fm_ssize N = a->n;
+    float *e = (float *)(scratch + a->off_e);
+    float *op = (float *)o;
+    const unsigned char *kp;
+    const float *bp = NULL;
+    float inv;
+    fm_ssize n, j;
+    if (lo < 0) lo = 0;
+    if (hi > N) hi = N;
+    if (a->has_keep && a->keep_stride == 0 && hi > lo && !k[0]) hi = lo;
+    if (hi <= lo) {
+        fm_row_f32_avx512(FM_ROW_ARGS);
+        return;
+    }
+    n = hi - lo;
+    FM_CHECK_SPAN(x, 4, lo, hi, 4, a->x_lo, a->x_hi);
+    FM_CHECK_SPAN(o, 4, 0, N, 4, a->o_lo, a->o_hi);
+    kp = fm_keep_row(a, k, lo, n, scratch);
+    if (a->has_bias) bp = fm_bias_row_f32(a, b, lo, n, scratch);
+    if (fm_core_dispatch_f32((const float *)x + lo, kp, bp, (float)a->scale, n, e, &inv,
+                             a->pf_dist) != FM_ROW_OK) {
+        fm_row_f32_avx512(FM_ROW_ARGS);
+        return;
+    }
+    {
+        const __m512 iv = _mm512_set1_ps(inv);
+        assert(((uintptr_t)op & 63u) == 0);
+        for (j = 0; j + 16 <= N; j += 16) _mm512_stream_ps(op + j, fm_weights16(e, iv, j, lo, hi));
+        /* a last partial line: an ordinary masked store */
+        if (j < N) _mm512_mask_storeu_ps(op + j, fm_lanes16(j, j, N), fm_weights16(e, iv, j, lo, hi));
+    }
+}
+
 static FM_TARGET_AVX512 void fm_row_f32_avx512_short(FM_ROW_PARAMS)
 {
     const fm_ssize N = a->n;
@@ -642,6 +699,10 @@ static FM_TARGET_AVX512 void fm_row_f32_avx512_short(FM_ROW_PARAMS)
     __m512 z[4], acc = ninf, sum = _mm512_setzero_ps();
     float m, s;
     int v;
+    if (a->stream) {
+        fm_row_f32_avx512_stream(FM_ROW_ARGS);
+        return;
+    }
     if (N > FM_SHORT_MAX || a->x_stride != 4 || a->out_stride != 4 || a->has_keep ||
         a->has_bias || lo >= hi || lo < 0 || hi > N) {
         fm_row_f32_avx512(FM_ROW_ARGS);
@@ -821,6 +882,25 @@ static FM_UNUSED const fm_isa_t *fm_isa(void) { return &fm_isas[fm_isa_index]; }
 
 /* Row function for dtype code 0 = float16, 1 = float32, 2 = float64. */
 static FM_UNUSED fm_row_fn fm_row_for(int dtype_code) { return fm_isas[fm_isa_index].row[dtype_code]; }
+
+/* Can this call's float32 rows use streaming stores (the AVX-512 variant only)? */
+static FM_UNUSED int fm_can_stream(int dtype_code)
+{
+#if FM_X86_MV
+    return dtype_code == 1 && strcmp(fm_isas[fm_isa_index].name, "avx512") == 0;
+#else
+    (void)dtype_code;
+    return 0;
+#endif
+}
+
+/* Make this thread's streaming stores visible before its rows count as done. */
+static FM_UNUSED void fm_store_fence(void)
+{
+#if FM_X86_MV
+    _mm_sfence();
+#endif
+}
 
 /* A two-row function for calls whose rows are all short and plain (float32, N <= 64,
  * unit strides, no keep or bias array), or NULL: rows then go one by one. */

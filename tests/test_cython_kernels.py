@@ -602,3 +602,56 @@ def test_short_rows_with_every_special_value(isa, n, scale, nthreads):
         with np.errstate(invalid="ignore"):  # the reference's 0 * inf
             ref = expected(x, scale=scale, bounds=b)
         assert_matches(out, ref, np.float32)
+
+
+@pytest.fixture
+def stream_from_1mib():
+    old = K._set_stream_min_bytes(1 << 20)
+    yield
+    K._set_stream_min_bytes(old)
+
+
+def _placed(shape, offset, rng, width=None):
+    """A float32 array of ``shape`` starting ``offset`` bytes past a 64-byte boundary,
+    its rows ``width`` floats apart (default: contiguous)."""
+    width = width or shape[-1]
+    nbytes = int(np.prod(shape[:-1])) * width * 4
+    buf = np.empty(nbytes + 128, np.uint8)
+    start = -buf.ctypes.data % 64 + offset
+    full = buf[start : start + nbytes].view(np.float32).reshape(*shape[:-1], width)
+    a = full[..., : shape[-1]]
+    a[...] = rng.standard_normal(shape, dtype=np.float32)
+    return a
+
+
+@pytest.mark.parametrize("variant", ["plain", "keep", "bias", "bounds", "in place"])
+@pytest.mark.parametrize(
+    "layout", ["aligned rows", "aligned rows with a partial last line", "unaligned rows"]
+)
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_large_float32_outputs_streamed(isa, stream_from_1mib, variant, layout, nthreads):
+    # Large outputs whose rows start on 64-byte lines are written with streaming
+    # stores on AVX-512 (an ordinary store for a last partial line; unaligned rows
+    # are not streamed); every special row must still follow the general rules.
+    rng = np.random.default_rng(3)
+    n, width, offset = {
+        "aligned rows": (1024, None, 0),
+        "aligned rows with a partial last line": (1000, 1024, 0),
+        "unaligned rows": (1000, None, 20),
+    }[layout]
+    shape = (2, 4, 64, n)  # >= 1 MiB of float32
+    x = _placed(shape, offset, rng, width)
+    x[0, 1, 2, 7] = np.nan
+    x[1, 3, 4, :] = -np.inf
+    x[1, 2, 6, 100] = np.inf
+    keep = bias = bounds = None
+    if variant == "keep":
+        keep = rng.random((2, 1, 1, n)) > 0.3
+    if variant == "bias":
+        bias = np.where(rng.random((2, 1, 64, n)) > 0.2, 0.0, -np.inf).astype(np.float32)
+    if variant == "bounds":
+        bounds = rng.integers(-3, n + 5, size=(2, 4, 64, 2)).astype(np.int64)
+    ref = expected(x, keep=keep, bias=bias, bounds=bounds)
+    out = x if variant == "in place" else _placed(shape, offset, rng, width)
+    got = run(x, out=out, keep=keep, bias=bias, bounds=bounds, nthreads=nthreads)
+    assert_matches(got, ref, np.float32)
