@@ -55,7 +55,7 @@ def _threaded_copy(out: np.ndarray, x: np.ndarray, n: int):
 
 def thread_scaling(x, kwargs, threads: int, timer, repeats: int):
     """Seconds per call with 1 thread and with ``threads``: a copy of the input (the
-    bandwidth floor), then each compiled backend."""
+    bandwidth floor), then each route, called as users call it (a fresh output)."""
     out = np.empty_like(x)
     rows = [("copy (np.copyto)", {n: timer(_threaded_copy(out, x, n), repeats)
                                   for n in sorted({1, threads})})]  # fmt: skip
@@ -67,7 +67,7 @@ def thread_scaling(x, kwargs, threads: int, timer, repeats: int):
             for n in sorted({1, threads}):
                 fm.set_num_threads(n)
                 times[n] = timer(
-                    lambda b=backend: fm.masked_softmax(x, **kwargs, out=out, backend=b), repeats
+                    lambda b=backend: fm.masked_softmax(x, **kwargs, backend=b), repeats
                 )
             rows.append((label, times))
     finally:
