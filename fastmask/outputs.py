@@ -13,7 +13,8 @@ every array given out is a view whose ``base`` is the block, so while any view
 (or anything made from it: a torch tensor, a slice) lives, the block is in use.
 
 ``FASTMASK_OUTPUT_POOL_MB`` caps the memory of blocks kept while free (default
-256; 0 turns the pool off). Outputs smaller than 1 MiB are plain ``np.empty``.
+256; 0 turns the pool off). Outputs smaller than 1 MiB are plain ``np.empty``;
+larger ones always start on a 64-byte boundary, pooled or not.
 """
 
 from __future__ import annotations
@@ -71,14 +72,18 @@ def _trim(keep_bytes: int) -> None:
 
 
 def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array, 64-byte aligned: a recycled block when
-    one of exactly this size is free, else new (and kept for later when large)."""
+    """An uninitialised C-contiguous array: a recycled block when one of exactly this
+    size is free, else new (and kept for later, within the pool's limits). Arrays of
+    ``MIN_BYTES`` or more start on a 64-byte boundary (cache lines: the kernels
+    write large aligned outputs with streaming stores)."""
     dtype = np.dtype(dtype)
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
-    if nbytes < MIN_BYTES or not _ENABLED or nbytes > _max_free_bytes:
+    if nbytes < MIN_BYTES:
         return np.empty(shape, dtype)
+    if not _ENABLED or nbytes > _max_free_bytes:
+        return _view(np.empty(nbytes + _ALIGN, np.uint8), nbytes, shape, dtype)
     with _lock:
         block = None
         for i in range(len(_blocks)):
@@ -87,13 +92,18 @@ def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
                 break
         if block is None:
             _trim(_max_free_bytes - nbytes)
-            if len(_blocks) >= MAX_BLOCKS:
-                return np.empty(shape, dtype)
             block = np.empty(nbytes + _ALIGN, np.uint8)
+            if len(_blocks) >= MAX_BLOCKS:
+                return _view(block, nbytes, shape, dtype)  # not kept
         _blocks.append(block)  # most recently handed out last
-        start = -block.ctypes.data % _ALIGN
-        # The view keeps the block alive; its base is the block itself.
-        return block[start : start + nbytes].view(dtype).reshape(shape)
+        return _view(block, nbytes, shape, dtype)
+
+
+def _view(block: np.ndarray, nbytes: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``shape``/``dtype`` on the first 64-byte boundary of ``block``; the view keeps the
+    block alive (its ``base`` is the block itself)."""
+    start = -block.ctypes.data % _ALIGN
+    return block[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def pooled_bytes() -> tuple[int, int]:

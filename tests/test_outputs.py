@@ -94,13 +94,21 @@ def test_the_pool_keeps_at_most_its_limit_of_free_memory():
 
 def test_the_pool_can_be_turned_off():
     code = (
-        "import numpy as np, fastmask as fm; "
+        "import numpy as np, fastmask as fm; from fastmask import outputs; "
         "y = fm.masked_softmax(np.zeros((2, 4, 256, 256), np.float32)); "
-        "print(y.flags.owndata)"
+        "print(outputs.pooled_bytes(), y.ctypes.data % 64)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
         env={**os.environ, "FASTMASK_OUTPUT_POOL_MB": "0"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True"
+    assert out.stdout.strip() == "(0, 0) 0"  # nothing kept; still line-aligned
+
+
+def test_large_outputs_start_on_a_cache_line_pooled_or_not():
+    for shape in [(2, 4, 256, 256), (3, 1, 1, 1 << 22)]:  # 2 MiB; 48 MiB
+        for _ in range(3):
+            assert outputs.empty(shape, np.float32).ctypes.data % 64 == 0
+    big = outputs.empty((outputs._max_free_bytes // 4 + 16,), np.float32)  # over the cap
+    assert big.ctypes.data % 64 == 0 and outputs.pooled_bytes()[0] < big.nbytes
