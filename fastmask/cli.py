@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -70,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info()
-    if args.command == "demo":
-        from .demo import run_demo
+    try:
+        if args.command == "info":
+            return _info()
+        if args.command == "demo":
+            from .demo import run_demo
 
-        return run_demo()
-    from .bench import run_cli
+            return run_demo()
+        from .bench import run_cli
 
-    return run_cli(args)
+        return run_cli(args)
+    except BrokenPipeError:  # e.g. `fastmask info | head`: the reader has gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

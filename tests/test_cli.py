@@ -32,3 +32,12 @@ def test_version_and_usage():
     out = run("--version")
     assert out.returncode == 0 and out.stdout.startswith("fastmask ")
     assert run().returncode != 0
+
+
+def test_a_closed_pipe_is_not_an_error():
+    # `true` exits without reading: every write of the command meets a closed pipe.
+    out = subprocess.run(
+        f"{sys.executable} -m fastmask info | true", shell=True, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr
