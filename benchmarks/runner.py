@@ -227,9 +227,12 @@ def run_suite(names=None, threads: int | None = None, quick: bool = False, log=p
     bar = _progress_bar(sum(_steps(n) for n in names), progress)
     write = bar.write if bar is not None else (log or (lambda line: None))
 
-    def done(r: Result) -> None:
+    def logged(r: Result) -> None:
         if r.seconds is not None:
             write(f"  {r.workload:<9} {r.impl:<34} {r.seconds * 1e3:10.4f} ms")
+
+    def done(r: Result) -> None:  # one step of the bar per timing
+        logged(r)
         if bar is not None:
             bar.update(1)
 
@@ -241,7 +244,9 @@ def run_suite(names=None, threads: int | None = None, quick: bool = False, log=p
             for name in names:
                 w = WORKLOADS[name]
                 if w.op in _REPORTS:
-                    results += _REPORTS[w.op](threads, quick, done)
+                    results += _REPORTS[w.op](threads, quick, logged)
+                    if bar is not None:  # a report is one step of the bar
+                        bar.update(1)
                     continue
                 want = (lambda n: not is_peer(n)) if isolate else (lambda n: True)
                 mine = _time_impls(w, threads, quick, want, done)
