@@ -64,3 +64,23 @@ def logits(rng, shape, dtype=np.float32, spread=4.0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def threaded_cases():
+    """Mixed shapes, dtypes and masks, large enough that the compiled backends run with
+    several threads (the concurrency and determinism tests share them)."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for i, dtype in enumerate([np.float32, np.float64, np.float16, np.float32]):
+        # Large enough that the compiled backends run with several threads.
+        shape = [(4, 8, 64, 96), (2, 4, 33, 300), (3, 6, 16, 500), (1, 2, 1, 70_000)][i]
+        x = (rng.standard_normal(shape) * 3).astype(dtype)
+        b = shape[0]
+        mask = [
+            fm.masks.padding(rng.integers(0, shape[-1] + 1, b)),
+            fm.masks.causal(align="bottom-right"),
+            rng.random((b, 1, 1, shape[-1])) < 0.7,
+            None,
+        ][i]
+        cases.append((x, mask))
+    return cases

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_matches_reference
+from conftest import BACKENDS, assert_matches_reference, threaded_cases
 
 import fastmask as fm
 from fastmask import masks
@@ -23,28 +23,10 @@ from fastmask.threads import num_threads_setting
 COMPILED = [b for b in BACKENDS if b != "numpy"]
 
 
-def _cases():
-    rng = np.random.default_rng(7)
-    cases = []
-    for i, dtype in enumerate([np.float32, np.float64, np.float16, np.float32]):
-        # Large enough that the compiled backends run with several threads.
-        shape = [(4, 8, 64, 96), (2, 4, 33, 300), (3, 6, 16, 500), (1, 2, 1, 70_000)][i]
-        x = (rng.standard_normal(shape) * 3).astype(dtype)
-        b = shape[0]
-        mask = [
-            masks.padding(rng.integers(0, shape[-1] + 1, b)),
-            masks.causal(align="bottom-right"),
-            rng.random((b, 1, 1, shape[-1])) < 0.7,
-            None,
-        ][i]
-        cases.append((x, mask))
-    return cases
-
-
 def test_many_python_threads_at_once(backend):
     if backend == "numpy":
         pytest.skip("the reference backend runs no threads of its own")
-    cases = _cases()
+    cases = threaded_cases()
     expected = [fm.masked_softmax(x, m, backend=backend) for x, m in cases]
 
     def worker(seed: int) -> int:
@@ -62,7 +44,7 @@ def test_many_python_threads_at_once(backend):
 
 
 def _check_every_backend() -> None:
-    for x, m in _cases():
+    for x, m in threaded_cases():
         keep = m.to_dense(x.shape) if isinstance(m, masks.MaskStrategy) else m
         for name in COMPILED:
             assert_matches_reference(fm.masked_softmax(x, m, backend=name), x, keep)
@@ -77,7 +59,7 @@ def _child_work(queue) -> None:
 
 
 def _use_every_backend() -> None:
-    for x, m in _cases():
+    for x, m in threaded_cases():
         for name in COMPILED:
             fm.masked_softmax(x, m, backend=name)
 
@@ -204,7 +186,7 @@ _CASES_IN_WORKER: dict = {}
 def _joblib_task(op: str, i: int, backend: str):
     """One call, on inputs rebuilt in the worker from their seed (nothing big to ship)."""
     if op not in _CASES_IN_WORKER:
-        _CASES_IN_WORKER[op] = _cases() if op == "masked_softmax" else _attention_cases()
+        _CASES_IN_WORKER[op] = threaded_cases() if op == "masked_softmax" else _attention_cases()
     case = _CASES_IN_WORKER[op][i]
     if op == "masked_softmax":
         x, m = case
@@ -217,7 +199,7 @@ def _joblib_task(op: str, i: int, backend: str):
 def test_joblib_workers(joblib_backend):
     joblib = pytest.importorskip("joblib")
     names = [n for n in BACKENDS if fm.plugins.backends()[n].status()[0]]
-    tasks = [("masked_softmax", i, n) for i in range(len(_cases())) for n in names]
+    tasks = [("masked_softmax", i, n) for i in range(len(threaded_cases())) for n in names]
     tasks += [("attention", i, n) for i in range(len(_attention_cases())) for n in names]
     expected = [_joblib_task(*t) for t in tasks]  # single-threaded, in this process
     try:
@@ -270,7 +252,7 @@ def test_calling_fastmask_inside_a_numba_prange_is_a_compile_error():
 def test_set_num_threads_while_other_threads_call():
     """Workers of a ThreadPoolExecutor change the process-wide count as they go: no harm."""
     names = [n for n in COMPILED if fm.plugins.backends()[n].status()[0]]
-    cases = _cases()
+    cases = threaded_cases()
     expected = {n: [fm.masked_softmax(x, m, backend=n) for x, m in cases] for n in names}
     setting = num_threads_setting()
 

@@ -24,6 +24,8 @@ import pytest
 
 pytest.importorskip("numba")
 
+from conftest import threaded_cases
+
 from fastmask.kernels import numba_exp as ne
 from fastmask.kernels import numba_softmax as ns
 
@@ -59,9 +61,7 @@ def test_output_placement_does_not_change_the_bits(dtype, with_bias):
 
 
 def _strided_cases():
-    """Inputs that use the per-thread scratch rows, plus tests/test_concurrency.py's."""
-    from fastmask import masks
-
+    """Inputs that use the per-thread scratch rows, plus the concurrency tests' cases."""
     rng = np.random.default_rng(7)
     cases = []
     for dtype in (np.float16, np.float32, np.float64):
@@ -69,18 +69,7 @@ def _strided_cases():
             base = (rng.standard_normal((4, 8, 64, 2 * n)) * 3).astype(dtype)
             keep = rng.random((4, 1, 1, n)) < 0.8 if n % 2 else None
             cases.append((base[..., ::2], keep))  # gathered x
-    for i, dtype in enumerate([np.float32, np.float64, np.float16, np.float32]):
-        shape = [(4, 8, 64, 96), (2, 4, 33, 300), (3, 6, 16, 500), (1, 2, 1, 70_000)][i]
-        x = (rng.standard_normal(shape) * 3).astype(dtype)
-        b = shape[0]
-        mask = [
-            masks.padding(rng.integers(0, shape[-1] + 1, b)),
-            masks.causal(align="bottom-right"),
-            rng.random((b, 1, 1, shape[-1])) < 0.7,
-            None,
-        ][i]
-        cases.append((x, mask))
-    return cases
+    return cases + threaded_cases()
 
 
 def _run_case(x, mask, nthreads, strided_out):
