@@ -754,11 +754,7 @@ static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, cons
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     float m0, m1, s0, s1;
     int v;
-    if (lo0 >= hi0 || lo0 < 0 || hi0 > N || lo1 >= hi1 || lo1 < 0 || hi1 > N) {
-        fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
-        fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
-        return;
-    }
+    if (lo0 >= hi0 || lo0 < 0 || hi0 > N || lo1 >= hi1 || lo1 < 0 || hi1 > N) goto one_by_one;
     FM_CHECK_SPAN(x0, 4, lo0, hi0, 4, a->x_lo, a->x_hi);
     FM_CHECK_SPAN(x1, 4, lo1, hi1, 4, a->x_lo, a->x_hi);
     FM_CHECK_SPAN(o0, 4, 0, N, 4, a->o_lo, a->o_hi);
@@ -775,11 +771,7 @@ static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, cons
     }
     m0 = _mm512_reduce_max_ps(acc0);
     m1 = _mm512_reduce_max_ps(acc1);
-    if (!(m0 > -HUGE_VALF) || !(m0 < HUGE_VALF) || !(m1 > -HUGE_VALF) || !(m1 < HUGE_VALF)) {
-        fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
-        fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
-        return;
-    }
+    if (!(m0 > -HUGE_VALF) || !(m0 < HUGE_VALF) || !(m1 > -HUGE_VALF) || !(m1 < HUGE_VALF)) goto one_by_one;
     for (v = 0; v < 4; v++) {
         z0[v] = fm_exp16_f32(_mm512_sub_ps(z0[v], _mm512_set1_ps(m0)));
         z1[v] = fm_exp16_f32(_mm512_sub_ps(z1[v], _mm512_set1_ps(m1)));
@@ -788,11 +780,7 @@ static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, cons
     }
     s0 = _mm512_reduce_add_ps(sum0);
     s1 = _mm512_reduce_add_ps(sum1);
-    if (!(s0 == s0) || !(s1 == s1)) {
-        fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
-        fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
-        return;
-    }
+    if (!(s0 == s0) || !(s1 == s1)) goto one_by_one;
     {
         const __m512 inv0 = _mm512_set1_ps((float)(1.0 / (double)s0));
         const __m512 inv1 = _mm512_set1_ps((float)(1.0 / (double)s1));
@@ -802,6 +790,10 @@ static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, cons
             _mm512_mask_storeu_ps((float *)o1 + 16 * v, all, _mm512_mul_ps(z1[v], inv1));
         }
     }
+    return;
+one_by_one: /* a row that is not plain: each row on its own (nothing written yet) */
+    fm_row_f32_avx512_short(a, x0, o0, NULL, NULL, lo0, hi0, scratch);
+    fm_row_f32_avx512_short(a, x1, o1, NULL, NULL, lo1, hi1, scratch);
 }
 #endif
 
