@@ -34,6 +34,12 @@ from setuptools.command.build_ext import build_ext
 
 PYX = "fastmask/_kernels.pyx"
 HEADER = "fastmask/_softmax_row.h"
+ENGINE = [
+    "fastmask/_attention_engine.h",
+    "fastmask/_attention_tile.h",
+    "fastmask/_attention_decode.h",
+    "fastmask/_attention.pxi",
+]
 DEBUG_SRC_DIR = "build/fastmask-debug-src"
 
 
@@ -223,14 +229,15 @@ def _extensions():
     ext = Extension(
         "fastmask._kernels",
         sources=[_kernel_source()],
-        depends=[HEADER],
+        depends=[HEADER, *ENGINE],
         include_dirs=[numpy.get_include(), "fastmask"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     directives = {"language_level": 3}
     if DEBUG:
         directives.update(boundscheck=True, wraparound=True, initializedcheck=True)
-    return cythonize([ext], compiler_directives=directives, quiet=True)
+    # include_path: the debug build compiles a copy of the .pyx that includes the real .pxi
+    return cythonize([ext], compiler_directives=directives, quiet=True, include_path=["fastmask"])
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})

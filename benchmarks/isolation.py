@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 
 #: Implementation names (prefixes) that are peers rather than fastmask or a yardstick.
-PEER_PREFIXES = ("torch", "onnxruntime", "tf tutorial")
+PEER_PREFIXES = ("torch", "onnxruntime", "openvino", "tf tutorial")
 _TAG = "fastmask-bench-result: "
 _READY = "fastmask-bench-ready"
 

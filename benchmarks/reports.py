@@ -1,4 +1,4 @@
-"""The suite's non-throughput reports: thread scaling, cold start and peak memory.
+"""The suite's non-throughput reports: thread scaling, cold start, peak memory, GEMM peak.
 
 Cold start and memory are measured in fresh Python processes (``sys.executable``),
 because both depend on what a process has already imported, compiled or touched.
@@ -6,6 +6,7 @@ because both depend on what a process has already imported, compiled or touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -157,3 +158,42 @@ def peak_memory() -> dict:
     for backend in _routes():
         report[backend or "auto"] = json.loads(_python(_MEMORY.format(backend=backend)))
     return report
+
+
+# --------------------------------------------------------------------- GEMM peak
+
+
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> tuple[float, str]:
+    """The machine's float32 matrix-product speed: the roofline for attention's GFLOP/s.
+
+    The best of ``repeats`` ``(n, n) @ (n, n)`` products into a preallocated output,
+    through torch at ``threads`` threads, or through NumPy's BLAS where torch is missing.
+    Returns ``(GFLOP/s, note)``.
+    """
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    out = np.empty((n, n), np.float32)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    limits = contextlib.nullcontext()
+    if torch is not None:
+        torch.set_num_threads(threads)
+        ta, tb, tout = (torch.from_numpy(x) for x in (a, b, out))
+        fn, how = (lambda: torch.matmul(ta, tb, out=tout)), f"torch.matmul, {threads} thread(s)"
+    else:
+        fn, how = (lambda: np.matmul(a, b, out=out)), "NumPy matmul, its BLAS's own threads"
+        with contextlib.suppress(ImportError):  # NumPy's BLAS threads, for this measurement
+            from threadpoolctl import threadpool_limits
+
+            limits = threadpool_limits(threads, user_api="blas")  # restored on exit
+            how = f"NumPy matmul, {threads} BLAS thread(s)"
+    with limits:
+        fn()  # warm-up: thread pool start, page faults
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e9, f"float32 ({n}x{n}) @ ({n}x{n}), {how}"

@@ -14,7 +14,7 @@ import numpy as np
 
 import fastmask as fm
 
-from . import peers, reports, targets
+from . import peers, pipeline, reports, targets
 from .isolation import PeerProcess, is_peer
 from .workloads import WORKLOADS, Workload
 
@@ -27,6 +27,7 @@ class Result:
     note: str = ""
     value: float | None = None  # the other reports' measurements, in ``unit``
     unit: str = ""
+    flops: float | None = None  # attention: FLOPs of the kept scores (the GFLOP/s column)
 
 
 def time_call(fn, repeats: int, warmup: int = 2) -> float:
@@ -70,6 +71,11 @@ def _softmax_impls(inp, threads: int):
 
 def _attention_impls(inp, threads: int):
     yield "copy (np.copyto q,k,v)", lambda: peers.make_attention_copy(inp, threads)
+    yield "read kept K/V once", lambda: peers.make_kv_read_floor(inp, threads)  # decode floor
+    # The default route first: the tiled driver of a backend timed before it would leave
+    # NumPy's BLAS threads spinning into its timings (the in-pipeline benchmark measures
+    # that interplay on purpose).
+    yield "fastmask (auto)", lambda: peers.make_fastmask_attention(inp, threads, None)
     for backend, b in fm.plugins.backends().items():
         if backend == "numpy":
             continue
@@ -82,13 +88,18 @@ def _attention_impls(inp, threads: int):
             f"fastmask[{backend}]",
             lambda b=backend: peers.make_fastmask_attention(inp, threads, b),
         )
-    yield "fastmask (auto)", lambda: peers.make_fastmask_attention(inp, threads, None)
     yield "numpy reference", lambda: peers.make_numpy_attention(inp, threads)
     yield "torch sdpa", lambda: peers.make_torch_sdpa(inp, threads)
+    yield "torch flex_attention", lambda: peers.make_torch_flex(inp, threads)
     yield "onnxruntime attention", lambda: peers.make_onnxruntime_attention(inp, threads)
+    yield "onnxruntime contrib MHA/GQA", lambda: peers.make_onnxruntime_contrib(inp, threads)
+    yield "openvino sdpa", lambda: peers.make_openvino_sdpa(inp, threads)
     yield "tf tutorial (compat.tf)", lambda: peers.make_tf_compat(inp, threads)
     yield "tf tutorial (numpy)", lambda: peers.make_tf_numpy(inp, threads)
 
+
+#: Rows that are yardsticks (memory floors), not implementations: no ratio, no GFLOP/s.
+YARDSTICKS = ("copy", "read kept K/V once")
 
 #: Implementations that only need a few samples (slow yardsticks), per op.
 _FEW_SAMPLES = {
@@ -102,6 +113,7 @@ def _time_impls(w: Workload, threads: int, quick: bool, want, progress) -> list[
     impls = _attention_impls if w.op == "attention" else _softmax_impls
     repeats = w.quick_repeats if quick else w.repeats
     few = _FEW_SAMPLES.get(w.op, ())
+    flops = inp.attention_flops() if w.op == "attention" else None  # once per workload
     results = []
     for name, make in impls(inp, threads):
         if not want(name):
@@ -112,13 +124,26 @@ def _time_impls(w: Workload, threads: int, quick: bool, want, progress) -> list[
         else:
             slow = name.startswith(few)
             seconds = time_call(fn, max(2, repeats // 5) if slow else repeats, 1 if slow else 2)
-            results.append(Result(w.name, name, seconds, note))
+            work = None if name.startswith(YARDSTICKS) else flops
+            results.append(Result(w.name, name, seconds, note, flops=work))
         progress(results[-1])
     return results
 
 
+#: The pseudo-workload of the GEMM peak: measured once per run that has attention workloads.
+GEMM = "GEMM"
+
+
+def _gemm(threads: int) -> Result:
+    gflops, note = reports.gemm_peak(threads)
+    return Result(GEMM, "GEMM peak", None, note, gflops, "GFLOP/s")
+
+
 def time_workload_peers(name: str, threads: int, quick: bool) -> list[Result]:
-    """The peers of one workload (run in the peer process, see ``isolation``)."""
+    """The peers of one workload (run in the peer process, see ``isolation``); or the
+    GEMM peak (``GEMM``), measured there because torch lives there."""
+    if name == GEMM:
+        return [_gemm(threads)]
     fm.set_num_threads(threads)
     return _time_impls(WORKLOADS[name], threads, quick, is_peer, lambda r: None)
 
@@ -175,7 +200,13 @@ def _memory(threads: int, quick: bool, progress) -> list[Result]:
     return results
 
 
-_REPORTS = {"scaling": _scaling, "startup": _startup, "memory": _memory}
+_REPORTS = {"scaling": _scaling, "startup": _startup, "memory": _memory,
+            "pipeline": pipeline.report}  # fmt: skip
+
+
+def check_targets(results: list[Result]) -> list[targets.Target]:
+    """Every target this run's results can decide: the suite's and the pipeline's."""
+    return targets.check(results) + pipeline.check(results)
 
 
 # ----------------------------------------------------------- the suite
@@ -224,12 +255,15 @@ def run_suite(names=None, threads: int | None = None, quick: bool = False, log=p
         if name not in WORKLOADS:
             raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     threads = threads or fm.get_num_threads()
-    bar = _progress_bar(sum(_steps(n) for n in names), progress)
+    gemm = any(WORKLOADS[n].op == "attention" for n in names)  # one step more when measured
+    bar = _progress_bar(sum(_steps(n) for n in names) + gemm, progress)
     write = bar.write if bar is not None else (log or (lambda line: None))
 
     def logged(r: Result) -> None:
         if r.seconds is not None:
             write(f"  {r.workload:<9} {r.impl:<34} {r.seconds * 1e3:10.4f} ms")
+        elif r.workload == GEMM:
+            write(f"  {_gemm_line(r)}")
 
     def done(r: Result) -> None:  # one step of the bar per timing
         logged(r)
@@ -248,6 +282,12 @@ def run_suite(names=None, threads: int | None = None, quick: bool = False, log=p
                     if bar is not None:  # a report is one step of the bar
                         bar.update(1)
                     continue
+                if w.op == "attention" and gemm:  # the roofline, before the first attention
+                    gemm = False
+                    results += (
+                        child.time_peers(GEMM, threads, quick) if isolate else [_gemm(threads)]
+                    )
+                    done(results[-1])
                 want = (lambda n: not is_peer(n)) if isolate else (lambda n: True)
                 mine = _time_impls(w, threads, quick, want, done)
                 if isolate:
@@ -285,12 +325,26 @@ def _fmt_value(r: Result) -> str:
     return f"{r.value:.2f}{r.unit}"
 
 
+def _gemm_line(r: Result) -> str:
+    return f"GEMM peak: {r.value:.1f} GFLOP/s   ({r.note})"
+
+
 def format_table(results: list[Result]) -> str:
-    """The results as a plain-text table, one block per workload."""
+    """The results as a plain-text table, one block per workload.
+
+    Attention blocks add a GFLOP/s column: the kept scores' FLOPs (``Result.flops``)
+    per second, next to the run's measured ``GEMM peak`` line.
+    """
     lines = []
     for wname in dict.fromkeys(r.workload for r in results):
         rows = [r for r in results if r.workload == wname]
+        if wname == GEMM:
+            lines += [_gemm_line(r) for r in rows] + [""]
+            continue
         lines.append(f"{wname}: {WORKLOADS[wname].description}")
+        if WORKLOADS[wname].op == "pipeline":
+            lines += [*pipeline.format_rows(rows), ""]
+            continue
         if WORKLOADS[wname].op in _REPORTS:
             for r in rows:
                 shown = _fmt_time(r.seconds) if r.seconds is not None else _fmt_value(r)
@@ -299,8 +353,10 @@ def format_table(results: list[Result]) -> str:
             continue
         copy = next((r.seconds for r in rows if r.impl.startswith("copy")), None)
         auto = next((r.seconds for r in rows if r.impl == "fastmask (auto)"), None)
+        rate = any(r.flops for r in rows)  # attention: the GFLOP/s column
         lines.append(
             f"  {'implementation':<28} {'median':>12} {'x copy':>8} {'fastmask (auto) is':>20}"
+            + (f" {'GFLOP/s':>9}" if rate else "")
         )
         for r in rows:
             if r.seconds is None:
@@ -309,12 +365,15 @@ def format_table(results: list[Result]) -> str:
             ratio = f"{r.seconds / copy:.2f}" if copy else "-"
             faster = (
                 f"{r.seconds / auto:.1f}x faster"
-                if auto and not r.impl.startswith(("fastmask", "copy"))
+                if auto and not r.impl.startswith(("fastmask", *YARDSTICKS))
                 else ""
             )
-            lines.append(f"  {r.impl:<28} {_fmt_time(r.seconds):>12} {ratio:>8} {faster:>20}")
+            line = f"  {r.impl:<28} {_fmt_time(r.seconds):>12} {ratio:>8} {faster:>20}"
+            if r.flops:
+                line += f" {r.flops / r.seconds / 1e9:>9.1f}"
+            lines.append(line)
         lines.append("")
-    checked = targets.check(results)
+    checked = check_targets(results)
     if checked:
         lines.append("targets:")
         lines += [t.line() for t in checked]
@@ -344,7 +403,7 @@ def run_cli(args) -> int:
             json.dump(
                 {"machine": machine(), "threads": threads, "quick": args.quick,
                  "results": [asdict(r) for r in results],
-                 "targets": [asdict(t) for t in targets.check(results)]},
+                 "targets": [asdict(t) for t in check_targets(results)]},
                 f, indent=1,
             )  # fmt: skip
         print(f"wrote {args.json}")

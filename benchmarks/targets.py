@@ -66,6 +66,26 @@ def check(results) -> list[Target]:
     if t.get("fastmask (auto)"):
         us = t["fastmask (auto)"] * 1e6
         out.append(Target("tiny: repeat call, total", us, "< 10 us", us < 10, "us"))
+    # Attention (issue 14): against the fastest of the fused-attention peers, each in
+    # its own process; decode against the time to read its kept K and V once.
+    fused_peers = ("torch sdpa", "torch flex_attention", "onnxruntime attention",
+                   "onnxruntime contrib MHA/GQA", "openvino sdpa")  # fmt: skip
+    for w in ("A1", "A2", "A3"):
+        t = _times(results, w)
+        auto = t.get("fastmask (auto)")
+        timed = {p: t[p] for p in fused_peers if t.get(p)}
+        if auto and timed:
+            best = min(timed, key=timed.get)
+            r = timed[best] / auto
+            out.append(Target(f"{w}: fastest peer ({best}) / fastmask", r, ">= 1.3", r >= 1.3))
+    t = _times(results, "A3")
+    if t.get("fastmask (auto)") and t.get("read kept K/V once"):
+        r = t["fastmask (auto)"] / t["read kept K/V once"]
+        out.append(Target("A3: fastmask (auto) / read kept K/V once", r, "<= 1.5", r <= 1.5))
+    t = _times(results, "A4")
+    if t.get("fastmask (auto)") and t.get("torch flex_attention"):
+        r = t["torch flex_attention"] / t["fastmask (auto)"]
+        out.append(Target("A4: torch flex_attention / fastmask (auto)", r, ">= 3", r >= 3))
     v = _values(results, "scaling")
     if v.get("fastmask (auto) speed-up"):
         r = v["fastmask (auto) speed-up"]

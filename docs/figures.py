@@ -114,14 +114,16 @@ def minus_1e9(out: Path) -> None:
 
 
 def attention_tiles(out: Path) -> None:
-    """The tiles ``fastmask.attention`` computes (red) over the mask (grey), from its planner."""
+    """The key blocks the fused attention engine computes (red) over the mask (grey),
+    from its own plan (``fastmask.kernels.fused_attention.item_ranges``)."""
     from matplotlib.patches import Rectangle
 
+    from fastmask import _kernels
     from fastmask.attention_request import build_attention_requests
-    from fastmask.kernels.tiled_attention import plan_tiles
+    from fastmask.kernels.fused_attention import BLOCK_KEYS, item_ranges
 
     plt = _plt()
-    n, d, block = 512, 8, 64
+    n, d = 512, 8
     q = np.zeros((1, 1, n, d), np.float32)
     cases = [
         ("causal()", masks.causal()),
@@ -131,18 +133,23 @@ def attention_tiles(out: Path) -> None:
     fig, axes = plt.subplots(1, len(cases), figsize=(9.6, 3.5))
     for ax, (title, strategy) in zip(axes, cases, strict=True):
         request = build_attention_requests(q, q, q, strategy)[0][0]
-        plan = plan_tiles(request, query_block=block)
+        starts, lo, hi = item_ranges(request, _kernels)
         keep = strategy.to_dense((n, n))
         ax.imshow(keep, cmap="Greys", vmin=0, vmax=2.5, interpolation="nearest")
-        for qi, rows in enumerate(plan.queries.tolist()):
-            lo, hi = int(plan.lo[0, 0, qi]), int(plan.hi[0, 0, qi])
-            if lo < hi:
-                corner = (lo - 0.5, qi * plan.tq - 0.5)
-                ax.add_patch(Rectangle(corner, hi - lo, rows, fill=False, edgecolor="tab:red"))
-        share = 100.0 * plan.computed / (n * n)
+        computed = 0
+        for i, q0 in enumerate(starts.tolist()):
+            rows = min(n, q0 + (starts[1] if len(starts) > 1 else n)) - q0
+            k0, k1 = int(lo[0, 0, i]), int(hi[0, 0, i])
+            computed += rows * (k1 - k0)
+            for b0 in range(k0, k1, BLOCK_KEYS):
+                width = min(BLOCK_KEYS, k1 - b0)
+                corner = (b0 - 0.5, q0 - 0.5)
+                ax.add_patch(Rectangle(corner, width, rows, fill=False, edgecolor="tab:red",
+                                       linewidth=0.6))  # fmt: skip
         ax.set_xlim(-8, n + 8)
         ax.set_ylim(n + 8, -8)
-        ax.set_title(f"{title}: {share:.0f}% computed", fontsize=9, family="monospace")
+        ax.set_title(f"{title}: {100.0 * computed / (n * n):.0f}% computed", fontsize=9,
+                     family="monospace")  # fmt: skip
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)
         ax.tick_params(labelsize=7)

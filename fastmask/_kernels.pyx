@@ -649,6 +649,9 @@ def _float_to_half(f):
     return out
 
 
+include "_attention.pxi"
+
+
 def _init_isa():
     import os
     name = os.environ.get("FASTMASK_ISA")

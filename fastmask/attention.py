@@ -40,7 +40,8 @@ def attention(
         Values, same dtype as ``q``.
     mask : bool array or MaskStrategy, optional
         On the scores ``(..., Lq, Lk)``, exactly as for :func:`fastmask.masked_softmax`:
-        a boolean array where **True = keep**, or a :mod:`fastmask.masks` strategy.
+        a boolean array where **True = keep**, or a :mod:`fastmask.masks` strategy
+        (custom predicates and score functions are not served in attention yet).
         Other dtypes raise ``TypeError`` (use ``masks.keep(a)``, ``masks.drop(a)`` or
         ``bias=a``).
     bias : array_like, optional
@@ -67,13 +68,15 @@ def attention(
     is a multiple ``Hq = G * Hk`` of k/v's, query head ``h`` uses kv head ``h // G``
     (like PyTorch's ``enable_gqa``); k and v are not repeated in memory.
 
-    The compiled backends work in tiles of heads x queries: the products go
-    through BLAS, the masked softmax of each tile through the backend's kernel,
-    and only the keys that some row of a tile keeps are computed (causal: about
-    half; padding: up to each sequence's length). Without ``return_weights`` the
-    extra memory is a tile buffer, not ``Lq x Lk``. The products run on NumPy's
-    BLAS threads (``OPENBLAS_NUM_THREADS`` and the like), each tile's softmax on
-    the calling thread (see :mod:`fastmask.kernels.tiled_attention`).
+    The ``cython`` backend runs a fused engine (:mod:`fastmask.kernels.fused_attention`):
+    one OpenMP parallel region, flash-attention style, over work items of up to 64
+    score rows (the query heads of a GQA group together), visiting only the blocks
+    of 64 keys that some row of an item keeps (causal: about half; padding: up to
+    each sequence's length); extra memory is a few small buffers per thread, not
+    ``Lq x Lk``, and results do not depend on the thread count. With
+    ``return_weights=True``, and on the ``numba`` backend, the tiled driver runs
+    instead: products through NumPy's BLAS, each tile's masked softmax through the
+    backend's kernel (see :mod:`fastmask.kernels.tiled_attention`).
 
     Raises
     ------
@@ -97,13 +100,17 @@ def attention(
         return device_attention.attention(q, k, v, mask, bias=bias, scale=scale,
                                 return_weights=return_weights, backend=backend)  # fmt: skip
     requests, out, weights = build_attention_requests(
-        q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights
+        q, k, v, mask, bias=bias, scale=scale, return_weights=return_weights, zeroed=False
     )
     if requests and requests[0].size:
         first = requests[0]
         chosen = router.choose(first) if backend is None else router.forced(backend, first)
+        if not chosen.fills_output(first):
+            out[...] = 0  # the backend may skip rows and tiles that keep nothing
         for request in requests:
             router.run(chosen, request)
+    else:
+        out[...] = 0
     if return_weights:
         return _like(q, out), _like(q, weights)
     return _like(q, out)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import outputs
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
 from .masks.dense import DenseMask
@@ -282,8 +283,13 @@ def build_attention_requests(
     bias: Any = None,
     scale: Any = None,
     return_weights: bool = False,
+    zeroed: bool = True,
 ) -> tuple[list[AttentionRequest], np.ndarray, np.ndarray | None]:
     """Validate an ``attention`` call and build its request(s).
+
+    With ``zeroed=False`` the output is left uninitialised (a recycled block for large
+    outputs, see :mod:`fastmask.outputs`): the caller zero-fills it unless the backend
+    that runs the call writes every element (:meth:`Backend.fills_output`).
 
     Returns
     -------
@@ -336,7 +342,10 @@ def build_attention_requests(
     q_b = np.broadcast_to(qc, (*batch, lq, d))
     k_b = np.broadcast_to(kc, (*kv_batch, lk, d))
     v_b = np.broadcast_to(vc, (*kv_batch, lk, dv))
-    out = np.zeros((*batch, lq, dv), dtype)
+    if zeroed:
+        out = np.zeros((*batch, lq, dv), dtype)
+    else:
+        out = outputs.empty((*batch, lq, dv), dtype)
     weights = np.zeros(scores_shape, dtype) if return_weights else None
 
     key = (

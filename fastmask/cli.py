@@ -34,6 +34,9 @@ def _info() -> int:
         print(f"  {name:<8} {backend.device:<5} {state}{extra}")
         if backend.description:
             print(f"  {'':<8} {'':<5} {backend.description}")
+    from .threads import openmp_spin_setting
+
+    print(f"OpenMP spin after a region: {openmp_spin_setting() or 'extension not loaded'}")
     print("plugins:")
     for info in plugins.list_plugins():
         kind = "built-in" if info.builtin else "external"
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--workload", action="append",
         help="run only this workload (repeatable): W1 W1-dense W2 W3 W4 W5-f16 W5-f64 W6 "
-        "tiny A1 A2 scaling startup memory",
+        "tiny A1 A2 A3 A4 scaling startup memory pipeline",
     )  # fmt: skip
     bench.add_argument("--threads", type=int, help="thread count for fastmask and peers")
     bench.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")

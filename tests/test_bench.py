@@ -10,20 +10,102 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import fastmask as fm
 
 try:  # installed: the suite ships as fastmask.bench
     import fastmask.bench as bench
-    from fastmask.bench import isolation, plot, runner, targets
+    from fastmask.bench import isolation, peers, pipeline, plot, reports, runner, targets
 except ImportError:  # a source checkout on sys.path without an install
     import benchmarks as bench
-    from benchmarks import isolation, plot, runner, targets
+    from benchmarks import isolation, peers, pipeline, plot, reports, runner, targets
 
 
 def test_every_workload_of_the_issue_is_in_the_suite():
     for name in ("W1", "W1-dense", "W2", "W3", "W4", "W5-f16", "W5-f64", "W6", "A1", "A2",
-                 "tiny", "scaling", "startup", "memory"):  # fmt: skip
+                 "A3", "A4", "tiny", "scaling", "startup", "memory", "pipeline"):  # fmt: skip
         assert name in bench.WORKLOADS
+
+
+#: The attention workloads' own builders at small shapes (same masks, GQA, padding sides).
+SMALL_ATTENTION = {
+    "A1": {"b": 2, "h": 3, "length": 40, "d": 16, "shortest": 8},
+    "A2": {"h": 2, "length": 64, "d": 16},
+    "A3": {"b": 3, "hq": 8, "hk": 2, "length": 64, "d": 16},
+    "A4": {"h": 2, "length": 96, "d": 16, "window": 16},
+}
+
+#: Every attention peer, and the package it needs (None: NumPy only).
+ATTENTION_PEERS = {
+    "torch sdpa": "torch",
+    "torch flex_attention": "torch",
+    "onnxruntime attention": "onnxruntime",
+    "onnxruntime contrib MHA/GQA": "onnxruntime",
+    "openvino sdpa": "openvino",
+    "tf tutorial (compat.tf)": None,
+    "tf tutorial (numpy)": None,
+}
+
+
+def _small(name):
+    return bench.WORKLOADS[name].make(np.random.default_rng(1), **SMALL_ATTENTION[name])
+
+
+def test_every_attention_peer_is_checked():
+    names = {n for n, _ in runner._attention_impls(None, 1) if runner.is_peer(n)}
+    assert names == set(ATTENTION_PEERS)
+    assert {n for n, w in bench.WORKLOADS.items() if w.op == "attention"} == set(SMALL_ATTENTION)
+
+
+@pytest.mark.parametrize("name", SMALL_ATTENTION)
+def test_the_peers_mask_is_fastmasks_mask_and_its_flops_count_kept_pairs(name):
+    inp = _small(name)
+    dense = inp.kwargs["mask"].to_dense(inp.scores_shape())
+    np.testing.assert_array_equal(np.broadcast_to(inp.keep, dense.shape), dense)
+    d, dv = inp.q.shape[-1], inp.v.shape[-1]
+    assert inp.attention_flops() == 2 * (d + dv) * np.count_nonzero(dense)
+
+
+@pytest.mark.parametrize("peer", ATTENTION_PEERS)
+@pytest.mark.parametrize("name", SMALL_ATTENTION)
+def test_attention_peers_compute_fastmasks_attention(name, peer):
+    if ATTENTION_PEERS[peer]:
+        pytest.importorskip(ATTENTION_PEERS[peer])
+    inp = _small(name)
+    fn, note = dict(runner._attention_impls(inp, 1))[peer]()
+    assert fn is not None, note  # every peer serves every attention workload
+    got = peers.output(fn, fn())
+    # fastmask's NumPy reference: the peers are checked, not fastmask's kernels.
+    want = fm.attention(inp.q, inp.k, inp.v, **inp.kwargs, backend="numpy")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_attention_tables_show_gflops_and_the_gemm_peak():
+    R = runner.Result
+    results = [
+        R(runner.GEMM, "GEMM peak", None, "float32 (2048x2048) @ (2048x2048)", 123.45, "GFLOP/s"),
+        R("A1", "copy (np.copyto q,k,v)", 0.001),
+        R("A1", "fastmask (auto)", 0.002, flops=4e8),
+        R("A1", "torch sdpa", 0.004, "torch SDPA", flops=4e8),
+        R("A1", "openvino sdpa", None, "openvino not installed"),
+    ]
+    lines = runner.format_table(results).splitlines()
+    assert lines[0] == "GEMM peak: 123.5 GFLOP/s   (float32 (2048x2048) @ (2048x2048))"
+    row = {line.split("  ")[1]: line.split() for line in lines if line.startswith("  ")}
+    assert row["implementation"][-1] == "GFLOP/s"
+    assert row["fastmask (auto)"][-1] == "200.0"
+    assert row["torch sdpa"][-3:] == ["2.0x", "faster", "100.0"]
+    assert row["copy (np.copyto q,k,v)"][-1] == "1.00"  # no rate for the copy
+    softmax = runner.format_table([R("W4", "copy (np.copyto)", 0.001)])
+    assert "GFLOP/s" not in softmax
+
+
+def test_gemm_peak_is_measured():
+    gflops, note = reports.gemm_peak(1, n=256, repeats=2)
+    assert gflops > 0 and "256x256" in note
 
 
 def test_a_quick_run_times_the_yardsticks_and_fastmask_and_reports_targets():
@@ -103,6 +185,55 @@ def test_command_line_writes_json_and_png(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["threads"] == 1 and data["results"] and "targets" in data
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_pipeline_alternates_without_pauses_and_times_both_directions():
+    trace = []
+    f, nb = (lambda: trace.append("f")), (lambda: trace.append("n"))
+    t = pipeline.interplay(f, nb, samples=pipeline.ROUNDS, settle=0.0)
+    assert set(t) == {"f", "n", "f after n", "n after f"} and all(s >= 0 for s in t.values())
+    # each round: f alone (an untimed start, one timed), n alone, then n f alternating
+    assert "".join(trace) == "ffnnnfnf" * pipeline.ROUNDS
+
+
+def test_pipeline_rows_cover_every_case_neighbour_and_direction():
+    torch = pytest.importorskip("torch")
+    before = fm.get_num_threads(), torch.get_num_threads()
+    rows = list(pipeline.measure(1, 3, small=True, settle=0.0))
+    assert (fm.get_num_threads(), torch.get_num_threads()) == before  # restored
+    cases = [n for n, _ in pipeline.fastmask_cases(small=True)]
+    neighbours = [n for n, _ in pipeline.neighbour_cases(torch, small=True)]
+    assert len(cases) == 6 and len(neighbours) == 4
+    pairs = {r.impl: r for r in rows if r.note in ("ok", pipeline.MISSED)}
+    for c in cases:
+        for n in neighbours:
+            for timed, other in ((c, n), (n, c)):
+                r = pairs.pop(f"{timed} after {other}")
+                assert r.seconds > 0 and r.value > 0 and r.unit == "x"
+                assert (r.note == "ok") == (r.value <= pipeline.TARGET)
+    assert not pairs
+    layer = {r.impl: r for r in rows if r.impl.startswith("encoder layer")}
+    ratio = layer["encoder layer: NumPy + fm.attention / torch"].value
+    numpy_s = layer["encoder layer: NumPy + fm.attention"].seconds
+    assert ratio == pytest.approx(numpy_s / layer["encoder layer: torch matmuls + sdpa"].seconds)
+    (target,) = pipeline.check(rows)
+    assert target.measured == max(r.value for r in rows if r.note in ("ok", pipeline.MISSED))
+    table = runner.format_table(rows)
+    assert "right after" in table and "pipeline: worst of 48" in table
+
+
+def test_pipeline_encoder_layers_compute_the_same():
+    torch = pytest.importorskip("torch")
+    numpy_layer, torch_layer, _ = pipeline.encoder_calls(torch, small=True)
+    np.testing.assert_allclose(numpy_layer(), torch_layer().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_pipeline_report_runs_in_a_fresh_process():
+    assert runner._REPORTS[bench.WORKLOADS["pipeline"].op] is pipeline.report
+    seen = []
+    results = pipeline.report(1, True, seen.append, small=True)
+    assert results == seen and results[-1].impl.startswith("encoder layer")
+    assert all(r.workload == "pipeline" for r in results)
 
 
 def test_unknown_workload_is_a_clear_error():

@@ -43,11 +43,22 @@ def test_many_python_threads_at_once(backend):
     assert mismatches == 0
 
 
+def _attention_case():
+    """Large enough that the fused attention engine runs a parallel region."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 4, 160, 64)).astype(np.float32) for _ in range(3))
+    return q, k, v, masks.causal()
+
+
 def _check_every_backend() -> None:
     for x, m in threaded_cases():
         keep = m.to_dense(x.shape) if isinstance(m, masks.MaskStrategy) else m
         for name in COMPILED:
             assert_matches_reference(fm.masked_softmax(x, m, backend=name), x, keep)
+    q, k, v, m = _attention_case()
+    expected = fm.attention(q, k, v, m, backend="numpy")
+    for name in COMPILED:
+        np.testing.assert_allclose(fm.attention(q, k, v, m, backend=name), expected, atol=1e-5)
 
 
 def _child_work(queue) -> None:
@@ -62,6 +73,8 @@ def _use_every_backend() -> None:
     for x, m in threaded_cases():
         for name in COMPILED:
             fm.masked_softmax(x, m, backend=name)
+    for name in COMPILED:
+        fm.attention(*_attention_case(), backend=name)
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
@@ -272,3 +285,24 @@ def test_set_num_threads_while_other_threads_call():
             assert sum(pool.map(worker, range(4))) == 0
     finally:
         fm.set_num_threads(setting)
+
+
+@pytest.mark.parametrize("env", [{}, {"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "passive"}])
+def test_openmp_spin_default_and_user_settings(env):
+    """fastmask starts its OpenMP runtime with a short spin (good neighbour to BLAS pools)
+    unless the user configured one, and leaves the environment as it found it."""
+    code = (
+        "import os, fastmask.threads as t, fastmask.backends.cython_backend as c\n"
+        "assert c._kernels is not None\n"
+        "print(t.openmp_spin_setting()); print(os.environ.get('GOMP_SPINCOUNT'))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split("\n")  # fmt: skip
+    if env:
+        assert out[0].startswith("the environment's") and out[1] == env.get(
+            "GOMP_SPINCOUNT", "None"
+        )
+    else:
+        assert out[0] == f"GOMP_SPINCOUNT={fm.threads.OPENMP_SPIN_COUNT} (fastmask's default)"
+        assert out[1] == "None"

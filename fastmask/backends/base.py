@@ -55,6 +55,14 @@ class Backend:
         """Say whether this backend can serve ``request``, and its estimated cost."""
         raise NotImplementedError
 
+    def fills_output(self, request) -> bool:
+        """Whether running ``request`` writes every element of ``request.out4``.
+
+        Attention outputs are handed to backends zero-filled unless this says True
+        (the default False is always safe: skipped rows and tiles stay zero).
+        """
+        return False
+
     def masked_softmax(self, request: SoftmaxRequest) -> None:
         """Compute the masked softmax of ``request.x4`` into ``request.out4``."""
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """The ``cython`` backend: ahead-of-time compiled OpenMP kernels (``fastmask/_kernels.pyx``).
 
 No JIT warm-up and the lowest per-call overhead, so it serves first calls and
-tiny calls best. Attention runs the shared tiled driver
+tiny calls best. Attention runs the fused engine (:mod:`fastmask.kernels.fused_attention`:
+one parallel region, no BLAS); with ``return_weights=True`` the shared tiled driver
 (:mod:`fastmask.kernels.tiled_attention`) with this backend's softmax kernel.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 import os
 
 from ..hookspecs import hookimpl
-from ..kernels import tiled_attention
+from ..kernels import fused_attention, tiled_attention
 from ..masks.custom import runs_user_code
-from ..threads import threads_for
+from ..threads import openmp_spin_default, threads_for
 from .base import Backend, Verdict
 
 try:
-    from .. import _kernels
+    with openmp_spin_default():  # OpenMP reads its settings when it is loaded
+        from .. import _kernels
 except ImportError as exc:  # built without a compiler, or a broken build
     _kernels = None
     _IMPORT_ERROR = (
@@ -63,12 +65,20 @@ class CythonBackend(Backend):
                 "(compiled with Numba; the Cython kernels are compiled ahead of time)"
             )
         if request.op == "attention":
-            return tiled_attention.estimate(request, self.OVERHEAD_US, self.PER_ELEMENT_US)
+            fused = fused_attention.estimate(request, _kernels)
+            if fused.ok:
+                return fused
+            tiled = tiled_attention.estimate(request, self.OVERHEAD_US, self.PER_ELEMENT_US)
+            return Verdict(True, f"{tiled.reason} ({fused.reason})", tiled.cost)
         n = threads_for(request.size, request.rows)
         if not _kernels.openmp_enabled():
             n = 1
         cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
         return Verdict(True, f"{n} thread(s)", cost)
+
+    def fills_output(self, request) -> bool:
+        # The fused engine writes every output row, zeros included.
+        return request.op == "attention" and not fused_attention.usable(request, _kernels)
 
     def masked_softmax(self, request) -> None:
         _kernels.masked_softmax_4d(
@@ -77,6 +87,9 @@ class CythonBackend(Backend):
         )  # fmt: skip
 
     def attention(self, request) -> None:
+        if not fused_attention.usable(request, _kernels):
+            fused_attention.run(request, _kernels)
+            return
         # Serial softmax per tile: OpenMP's spinning workers and NumPy's BLAS
         # threads would fight over the cores (see fastmask.kernels.tiled_attention).
         tiled_attention.run(request, _kernels.masked_softmax_4d)

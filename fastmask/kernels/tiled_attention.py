@@ -164,6 +164,9 @@ def plan_tiles(request, tile_bytes: int | None = None, query_block: int | None =
 #: Cost model of the products and the per-tile Python overhead, microseconds.
 PER_FLOP_US = 1e-5  # BLAS sgemm: about 100 GFLOP/s per core
 PER_TILE_US = 15.0
+#: Memory bandwidth, bytes per microsecond, for calls that read more K/V than they
+#: compute on (decode): ~20 GB/s for the 2 cores of the machines we measure on.
+BYTES_PER_US = 2.0e4
 
 
 def estimate(
@@ -182,11 +185,18 @@ def estimate(
         width = int(np.max(plan.hi - plan.lo, initial=0))
         n = threads_for(plan.hb * plan.tq * width, plan.hb * plan.tq)
     flops = 2 * computed * (request.q4.shape[3] + request.v4.shape[3])
+    # Each tile reads its keys' K and V rows once per kv head it covers; the products
+    # (matrix-vector in decode) and the Python between tiles do not hide that traffic.
+    kv_heads = plan.heads // np.minimum(request.group, plan.heads)
+    kv_rows = int((np.maximum(plan.hi - plan.lo, 0) * kv_heads[None, :, None]).sum())
+    kv_bytes = kv_rows * (request.k4.shape[3] + request.v4.shape[3]) * request.k4.itemsize
+    products = PER_FLOP_US * flops / available_cpus()  # NumPy's BLAS threads: one per CPU
     cost = (
         overhead_us
         + PER_TILE_US * plan.tiles
         + per_element_us * computed / n
-        + PER_FLOP_US * flops / available_cpus()  # NumPy's BLAS threads: one per CPU
+        + products
+        + kv_bytes / BYTES_PER_US
     )
     total = request.size
     share = f"{100.0 * computed / total:.0f}%" if total else "0%"

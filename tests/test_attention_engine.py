@@ -1,0 +1,176 @@
+"""The cases that stress the fused attention engine (``fastmask/_attention_engine.h``),
+run on every backend against the float64 reference: block and lane boundaries, GQA
+packing, decode with split keys, NaN/inf rows; and, for the engine alone, results
+that do not depend on the thread count or the ISA variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_attention import check, dense_keep, qkv, reference
+
+import fastmask as fm
+from fastmask.kernels import fused_attention
+
+m = fm.masks
+
+# Query/key lengths around the engine's blocks (64 keys, 16-lane row vectors, items of
+# 64 rows, 16-key groups of the decode path).
+LENGTHS = [(1, 1), (1, 65), (3, 1030), (15, 17), (63, 64), (64, 63), (65, 129), (130, 200)]
+
+
+def _mask(kind, b, lq, lk, rng):
+    if kind == "none":
+        return None, None
+    if kind == "causal-br":
+        return m.causal(align="bottom-right"), None
+    if kind == "window":
+        return m.sliding_window(20), None
+    if kind == "padding":
+        return m.padding(rng.integers(0, lk + 1, b)), None
+    if kind == "keep+bias":
+        keep = rng.random((b, 1, lq, lk)) > 0.3
+        bias = (rng.standard_normal((1, 1, lq, lk)) * 2).astype(np.float32)
+        return keep, bias
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal-br", "window", "padding", "keep+bias"])
+@pytest.mark.parametrize(("lq", "lk"), LENGTHS)
+def test_block_boundaries(backend, lq, lk, kind):
+    rng = np.random.default_rng(lq * 1000 + lk)
+    b, h = 2, 3
+    d, dv = (64, 64) if lk % 2 else (40, 24)  # the decode path and the general one
+    q, k, v = qkv(rng, (b, h, lq, d), (b, h, lk, d), (b, h, lk, dv))
+    mask, bias = _mask(kind, b, lq, lk, rng)
+    out = fm.attention(q, k, v, mask, bias=bias, backend=backend)
+    ref, _ = reference(q, k, v, dense_keep(mask, (b, h, lq, lk)), bias)
+    check(out, ref, np.float32)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 80])
+@pytest.mark.parametrize("lq", [1, 37])
+def test_gqa_groups(backend, group, lq):
+    """Every head of a group in one item (80 > 64 rows: split into pieces)."""
+    rng = np.random.default_rng(group + lq)
+    hk, lk, d = 2, 90, 32
+    q, k, v = qkv(rng, (1, hk * group, lq, d), (1, hk, lk, d))
+    mask = m.causal(align="bottom-right") & m.padding(np.array([77]))
+    out = fm.attention(q, k, v, mask, backend=backend)
+    ref, _ = reference(q, k, v, mask.to_dense((1, hk * group, lq, lk)))
+    check(out, ref, np.float32)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_split_keys_left_padding(backend, with_bias):
+    """Few long rows: the engine cuts each item's keys into pieces and merges them."""
+    rng = np.random.default_rng(5)
+    b, hk, g, lk, d = 3, 1, 4, 3000, 64
+    q, k, v = qkv(rng, (b, hk * g, 1, d), (b, hk, lk, d))
+    mask = m.padding(np.array([3000, 700, 0]), side="left")  # the last: nothing kept
+    bias = (rng.standard_normal((b, 1, 1, lk)) * 3).astype(np.float32) if with_bias else None
+    if backend == "cython":
+        explain = fm.explain_attention(q, k, v, mask, bias=bias, backend="cython")
+        assert "split" in explain.candidates[0].reason
+    out = fm.attention(q, k, v, mask, bias=bias, backend=backend)
+    ref, _ = reference(q, k, v, mask.to_dense((b, hk * g, 1, lk)), bias)
+    check(out, ref, np.float32)
+    assert np.all(out[2] == 0)
+
+
+def test_nan_and_inf_rows(backend):
+    """A kept NaN or +inf score makes its row NaN (in whichever key block or split
+    piece it falls); a NaN at a masked key changes nothing; -inf everywhere: zeros."""
+    rng = np.random.default_rng(9)
+    lk, d = 2100, 16
+    q = np.abs(rng.standard_normal((1, 4, 3, d))).astype(np.float32)
+    k = np.abs(rng.standard_normal((1, 4, lk, d))).astype(np.float32)
+    v = rng.standard_normal((1, 4, lk, 8)).astype(np.float32)
+    k[0, 0, 1500, 3] = np.nan  # head 0: a kept NaN key, late in the row
+    k[0, 1, 2050, 0] = np.nan  # head 1: a NaN key past the padding: masked
+    k[0, 2, 700, 0] = np.inf  # head 2: a kept +inf score
+    bias = np.zeros((1, 4, 3, lk), np.float32)
+    bias[0, 3, 1] = -np.inf  # head 3, query 1: every key -inf
+    mask = m.padding(np.array([2000]))
+    out = fm.attention(q, k, v, mask, bias=bias, backend=backend)
+    ref, _ = reference(q, k, v, mask.to_dense((1, 4, 3, lk)), bias)
+    assert np.isnan(out[0, 0]).all() and np.isnan(out[0, 2]).all()
+    assert not np.isnan(out[0, 1]).any()
+    assert np.all(out[0, 3, 1] == 0)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("lq", [1, 70])
+def test_dtypes(backend, dtype, lq):
+    rng = np.random.default_rng(11)
+    q, k, v = qkv(rng, (2, 8, lq, 64), (2, 2, 150, 64), dtype=dtype)
+    mask = m.causal(align="bottom-right") & m.padding(np.array([150, 61]))
+    out = fm.attention(q, k, v, mask, backend=backend)
+    ref, _ = reference(q, k, v, mask.to_dense((2, 8, lq, 150)))
+    check(out, ref, dtype)
+
+
+def _engine_cases():
+    rng = np.random.default_rng(13)
+    yield qkv(rng, (2, 8, 150, 64), (2, 8, 150, 64)), m.causal()
+    yield qkv(rng, (4, 8, 1, 64), (4, 2, 700, 64)), m.padding(np.array([700, 9, 0, 400]))
+    yield qkv(rng, (1, 4, 1, 64), (1, 1, 4000, 64)), m.padding(np.array([3500]), side="left")
+    yield qkv(rng, (1, 2, 300, 40), (1, 2, 300, 40), (1, 2, 300, 24)), m.sliding_window(33)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    outs = {}
+    try:
+        for n in (1, 2, 3):
+            fm.set_num_threads(n)
+            outs[n] = [fm.attention(*c, mk, backend="cython") for c, mk in _engine_cases()]
+    finally:
+        fm.set_num_threads(None)
+    for n in (2, 3):
+        for a, b in zip(outs[1], outs[n], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_every_isa_variant_matches_the_reference():
+    kernels = pytest.importorskip("fastmask._kernels")
+    variants = kernels.build_info()["isa_available"]
+    cases = list(_engine_cases())
+    try:
+        for name in variants:
+            kernels._set_isa(name)
+            for (q, k, v), mk in cases:
+                for dtype in (np.float32, np.float64):
+                    qd, kd, vd = (a.astype(dtype) for a in (q, k, v))
+                    out = fm.attention(qd, kd, vd, mk, backend="cython")
+                    shape = (*out.shape[:-1], k.shape[-2])
+                    ref, _ = reference(qd, kd, vd, mk.to_dense(shape))
+                    check(out, ref, dtype)
+    finally:
+        kernels._set_isa(None)
+
+
+def test_explain_names_the_engine_and_the_skipped_blocks():
+    rng = np.random.default_rng(17)
+    q, k, v = qkv(rng, (1, 4, 512, 64), (1, 4, 512, 64))
+    reason = fm.explain_attention(q, k, v, m.causal(), backend="cython").candidates[0].reason
+    assert reason.startswith("fused engine") and "skipped by the mask" in reason
+    plan = fused_attention.plan(
+        fm.attention_request.build_attention_requests(q, k, v, m.causal())[0][0],
+        pytest.importorskip("fastmask._kernels"),
+    )
+    assert plan.skipped > 0 and plan.blocks + plan.skipped == plan.items * 8
+    weights = fm.explain_attention(q, k, v, m.causal(), return_weights=True, backend="cython")
+    assert weights.candidates[0].reason.startswith("tiled")
+
+
+def test_recycled_outputs_are_not_shared():
+    """Large outputs come from fastmask's pool: a result still held is never reused."""
+    rng = np.random.default_rng(19)
+    q, k, v = qkv(rng, (4, 8, 256, 64), (4, 8, 256, 64))
+    first = fm.attention(q, k, v, m.causal(), backend="cython")
+    kept = first.copy()
+    second = fm.attention(q * 2, k, v, m.causal(), backend="cython")
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, kept)
+    assert np.all(fm.attention(q, k, v, m.padding(np.zeros(4, int)), backend="cython") == 0)
