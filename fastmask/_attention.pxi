@@ -21,8 +21,15 @@ cdef extern from "_attention_engine.h" nogil:
         Py_ssize_t bds_b, bds_h, bds_q, bds_p
         double scale
         int nthreads
+        int64_t (*pred)(uint8_t *keep, int64_t b, int64_t h, int64_t q, int64_t k0,
+                        int64_t n) noexcept nogil
+        int64_t (*score)(void *z, int64_t b, int64_t h, int64_t q, int64_t k0,
+                         int64_t n) noexcept nogil
+        Py_ssize_t fn_h0
+        int fn_swap
+        int64_t failed
 
-    int fm_attn(const fm_attn_args *a, int double_)
+    int fm_attn(fm_attn_args *a, int double_)
     int fm_attn_available()
     int fm_attn_rows_per_item(int double_)
 
@@ -64,7 +71,11 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
                  bounds4,                    # IN  None or int64 (B, H, Lq, 2)
                  double scale,               # IN  multiplies q @ k^T
                  Py_ssize_t group,           # IN  query heads per kv head
-                 int nthreads):              # IN  >= 1
+                 int nthreads,               # IN  >= 1
+                 Py_ssize_t predicate=0,     # IN  address of a predicate row function, or 0
+                 Py_ssize_t score=0,         # IN  address of a score row function, or 0
+                 Py_ssize_t fn_h0=0,         # IN  head offset the user functions see
+                 bint fn_swap=False):        # IN  3-D scores: functions see (b=h, h=0)
     """Fused attention ``softmax(q k^T * scale + bias, masked) v`` in one parallel region.
 
     The keys a row keeps are those with ``keep4`` true (if given) inside ``[lo, hi)`` of
@@ -88,6 +99,19 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
         ``H`` is a multiple of it.
     nthreads : int
         OpenMP threads (1 runs serially; a forked child runs serially).
+    predicate, score : int
+        Addresses of Numba row functions (``fastmask.kernels.numba_softmax``
+        ``predicate_row_function`` / ``score_row_function`` for the compute dtype), or
+        0. They run inside the parallel region, without the GIL.
+    fn_h0, fn_swap : int, bool
+        How the user functions see the indices: head ``h + fn_h0``; with ``fn_swap``,
+        ``b = h + fn_h0`` and ``h = 0`` (3-D scores).
+
+    Returns
+    -------
+    int
+        -1, or the flat row ``(b * H + h) * Lq + q`` (smallest such) on which a user
+        function raised (that row is computed as if it kept nothing).
 
     Raises
     ------
@@ -166,6 +190,10 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
         raise ValueError(f"at most 2**31 - 1 keys; got {Lk}")
     a.scale = scale
     a.nthreads = 1 if (_serial_only or fm_openmp_version() == 0) else nthreads
+    a.pred = <int64_t (*)(uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t) noexcept nogil>predicate
+    a.score = <int64_t (*)(void *, int64_t, int64_t, int64_t, int64_t, int64_t) noexcept nogil>score
+    a.fn_h0 = fn_h0
+    a.fn_swap = fn_swap
     dbl = ctn == cnp.NPY_DOUBLE
     if a.nthreads > 1:
         fm_region_enter()
@@ -177,3 +205,4 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
         raise MemoryError("fastmask: cannot allocate the attention engine's scratch")
     if rc == -2:
         raise RuntimeError("fastmask: this build has no fused attention engine")
+    return a.failed

@@ -97,7 +97,7 @@ static FM_UNUSED int fm_at_small_ok(const fm_attn_args *a, fm_ssize rows)
 
 /* Same contract as fm_at_item_run: keys [ka, kb) of item `it`; leaves m, l, the NaN
  * flags and O^T (Dv x rp) in the thread's scratch. */
-static FM_TARGET_AVX512 void fm_at_small_run(const fm_attn_args *a, const fm_at_item *it,
+static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *it,
                                              fm_ssize ka, fm_ssize kb, char *scratch,
                                              const fm_at_layout *lay)
 {

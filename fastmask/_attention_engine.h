@@ -50,7 +50,28 @@ typedef struct {
     fm_ssize bds_b, bds_h, bds_q, bds_p;
     double scale;
     int nthreads;
+    /* User functions (fastmask.masks.predicate / score, Numba row functions), NULL when
+     * none: pred(keep, b, h, q, k0, n) writes keep[j] for keys k0 + j; score(z, b, h,
+     * q, k0, n) rewrites z[j] (z = score * scale + bias, in the compute type). Both
+     * return nonzero when the user function raised. */
+    int64_t (*pred)(uint8_t *keep, int64_t b, int64_t h, int64_t q, int64_t k0, int64_t n);
+    int64_t (*score)(void *z, int64_t b, int64_t h, int64_t q, int64_t k0, int64_t n);
+    fm_ssize fn_h0; /* added to h for the user functions (calls split along heads) */
+    int fn_swap;    /* 3-D scores: the functions' b is the engine's h, and their h is 0 */
+    int64_t failed; /* out: the first row (b * H + h) * Lq + q on which one raised, or -1 */
 } fm_attn_args;
+
+/* A user function raised on row (b, h, q): remember the smallest such row (any
+ * thread), so the error reported does not depend on the scheduling. */
+static FM_UNUSED void fm_at_fail(fm_attn_args *a, fm_ssize b, fm_ssize h, fm_ssize q)
+{
+    const int64_t row = ((int64_t)b * a->H + h) * a->Lq + q;
+    int64_t seen = __atomic_load_n(&a->failed, __ATOMIC_RELAXED);
+    while ((seen < 0 || row < seen) &&
+           !__atomic_compare_exchange_n(&a->failed, &seen, row, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+}
 
 #define FM_AT_RMAX 64 /* rows of a work item, at most (4 vectors of 16 floats) */
 
@@ -78,7 +99,8 @@ typedef struct {
 
 /* Byte offsets in a thread's scratch and in one split's partial result. */
 typedef struct {
-    fm_ssize bk, off_qt, off_st, off_ot, off_bt, off_kt, off_m, off_l, off_nan, thread_bytes;
+    fm_ssize bk, off_qt, off_st, off_ot, off_bt, off_kt, off_ub, off_m, off_l, off_nan;
+    fm_ssize thread_bytes;
     fm_ssize poff_m, poff_l, poff_nan, poff_ot, part_bytes;
     int small; /* items of few rows take the variant's row-major path (decode) */
 } fm_at_layout;
@@ -123,7 +145,8 @@ static FM_UNUSED void fm_at_layout_make(const fm_attn_args *a, fm_ssize rmax, fm
     l->off_st = o; o += fm_at_round64(bk * rmax * item);
     l->off_ot = o; o += fm_at_round64(a->Dv * rmax * item);
     l->off_bt = o; o += a->bias ? fm_at_round64(bk * rmax * item) : 0;
-    l->off_kt = o; o += a->keep ? fm_at_round64(bk * rmax) : 0;
+    l->off_kt = o; o += (a->keep || a->pred) ? fm_at_round64(bk * rmax) : 0;
+    l->off_ub = o; o += (a->pred || a->score) ? fm_at_round64(bk * 8) : 0;
     l->off_m = o; o += fm_at_round64(rmax * 8);
     l->off_l = o; o += fm_at_round64(rmax * 8);
     l->off_nan = o; o += fm_at_round64(rmax * 8);
@@ -211,7 +234,7 @@ static FM_UNUSED void fm_at_layout_make(const fm_attn_args *a, fm_ssize rmax, fm
 #include "_attention_tile.h"
 #endif /* FM_X86_MV */
 
-typedef int (*fm_attn_fn)(const fm_attn_args *a);
+typedef int (*fm_attn_fn)(fm_attn_args *a);
 
 /* Indexed like fm_isas: generic, avx2, avx512; [0] float, [1] double. */
 static const fm_attn_fn fm_attn_fns[][2] = {
@@ -224,8 +247,9 @@ static const fm_attn_fn fm_attn_fns[][2] = {
 
 /* Run one call with the ISA variant in use; double_ selects the compute type.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-static FM_UNUSED int fm_attn(const fm_attn_args *a, int double_)
+static FM_UNUSED int fm_attn(fm_attn_args *a, int double_)
 {
+    a->failed = -1;
     return fm_attn_fns[fm_isa_current()][double_ ? 1 : 0](a);
 }
 
@@ -233,7 +257,7 @@ static FM_UNUSED int fm_attn_available(void) { return 1; }
 
 #else /* no vector extensions: the Python tiled driver serves attention */
 
-static FM_UNUSED int fm_attn(const fm_attn_args *a, int double_)
+static FM_UNUSED int fm_attn(fm_attn_args *a, int double_)
 {
     (void)a;
     (void)double_;

@@ -315,7 +315,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_softmax_block)(const fm_at_item *it, fm_ss
 
 /* One work item's split [ka, kb) of keys: Q^T packed, then every key block computed.
  * State (m, l, nan flags, O^T) is left in the thread's scratch. */
-static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(const fm_attn_args *a, const fm_at_item *it,
+static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_item *it,
                                                 fm_ssize ka, fm_ssize kb, char *scratch,
                                                 const fm_at_layout *lay)
 {
@@ -324,7 +324,8 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(const fm_attn_args *a, const fm_
     FM_AT_T *st = (FM_AT_T *)(scratch + lay->off_st);
     FM_AT_T *ot = (FM_AT_T *)(scratch + lay->off_ot);
     FM_AT_T *bt = a->bias ? (FM_AT_T *)(scratch + lay->off_bt) : NULL;
-    unsigned char *kt = a->keep ? (unsigned char *)(scratch + lay->off_kt) : NULL;
+    unsigned char *kt = (a->keep || a->pred) ? (unsigned char *)(scratch + lay->off_kt) : NULL;
+    char *ub = (a->pred || a->score) ? scratch + lay->off_ub : NULL; /* a user row */
     FM_AT_T *m = (FM_AT_T *)(scratch + lay->off_m);
     FM_AT_T *l = (FM_AT_T *)(scratch + lay->off_l);
     FM_AT_IT *nf = (FM_AT_IT *)(scratch + lay->off_nan);
@@ -378,10 +379,25 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(const fm_attn_args *a, const fm_
                                      k0 * a->bs_k;
                     for (j = 0; j < nk; j++) bt[j * rp + r] = *(const FM_AT_T *)(br + j * a->bs_k);
                 }
-                if (kt) {
+                if (kt && a->keep) {
                     const char *kr = a->keep + it->b * a->kps_b + h * a->kps_h +
                                      q * a->kps_q + k0 * a->kps_k;
                     for (j = 0; j < nk; j++) kt[j * rp + r] = kr[j * a->kps_k] != 0;
+                } else if (kt) {
+                    for (j = 0; j < nk; j++) kt[j * rp + r] = 1;
+                }
+                if (a->pred) { /* the predicate over the row's kept keys of this block */
+                    const fm_ssize j0 = lo[r] > k0 ? lo[r] - k0 : 0;
+                    const fm_ssize j1 = hi[r] < k0 + nk ? hi[r] - k0 : nk;
+                    if (j1 > j0) {
+                        const int64_t ub_b = a->fn_swap ? h + a->fn_h0 : it->b;
+                        const int64_t ub_h = a->fn_swap ? 0 : h + a->fn_h0;
+                        if (a->pred((uint8_t *)ub, ub_b, ub_h, q, k0 + j0, j1 - j0)) {
+                            fm_at_fail(a, it->b, h, q);
+                            memset(ub, 0, (size_t)(j1 - j0)); /* the row keeps nothing */
+                        }
+                        for (j = j0; j < j1; j++) kt[j * rp + r] &= ub[j - j0] != 0;
+                    }
                 }
             }
             for (r = it->nrows; r < rp; r++) { /* padding lanes: masked by [0, 0) anyway */
@@ -409,6 +425,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(const fm_attn_args *a, const fm_
             whole &= ra == 0 && rb == nrv;
             nsl++;
         }
+        if (a->score) whole = 1; /* user code sees every score it rewrites */
         if (whole) {
             FM_AT_FN(fm_at_qk)(qt, rp, d_n, kbase + k0 * a->ks_k, a->ks_k, nk, st, nrv);
         } else {
@@ -423,7 +440,33 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(const fm_attn_args *a, const fm_
                 memset(ot, 0, (size_t)(dv_n * rp) * sizeof(FM_AT_T));
             }
         }
-        FM_AT_FN(fm_at_softmax_block)(it, k0, nk, st, bt, kt, m, l, ot, dv_n, a->scale, first);
+        if (a->score) {
+            /* z = s * scale + bias, rewritten by the user's function row by row; the
+             * softmax then takes z as it is (scale 1, no bias) */
+            FM_AT_T *zb = (FM_AT_T *)ub;
+            for (r = 0; r < it->nrows; r++) {
+                const fm_ssize h = it->h[r], q = it->qi[r];
+                const fm_ssize j0 = lo[r] > k0 ? lo[r] - k0 : 0;
+                const fm_ssize j1 = hi[r] < k0 + nk ? hi[r] - k0 : nk;
+                fm_ssize j;
+                if (j1 <= j0) continue;
+                for (j = j0; j < j1; j++) {
+                    FM_AT_T z = st[j * rp + r] * (FM_AT_T)a->scale;
+                    if (bt) z += bt[j * rp + r];
+                    zb[j - j0] = z;
+                }
+                if (a->score(zb, a->fn_swap ? h + a->fn_h0 : it->b, a->fn_swap ? 0 : h + a->fn_h0,
+                             q, k0 + j0, j1 - j0)) {
+                    fm_at_fail(a, it->b, h, q);
+                    for (j = j0; j < j1; j++) zb[j - j0] = -(FM_AT_T)INFINITY;
+                }
+                for (j = j0; j < j1; j++) st[j * rp + r] = zb[j - j0];
+            }
+            FM_AT_FN(fm_at_softmax_block)(it, k0, nk, st, NULL, kt, m, l, ot, dv_n, 1.0, first);
+        } else {
+            FM_AT_FN(fm_at_softmax_block)(it, k0, nk, st, bt, kt, m, l, ot, dv_n, a->scale,
+                                          first);
+        }
         if (whole) {
             FM_AT_FN(fm_at_pv)(st, rp, nk, vbase + k0 * a->vs_k, a->vs_k, dv_n, ot, first, nrv);
         } else {
@@ -589,7 +632,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_merge)(const fm_attn_args *a, const fm_at_
 }
 
 /* Task t: item t / nsplit, split t % nsplit of the item's kept key range. */
-static FM_AT_ATTR void FM_AT_FN(fm_at_task)(const fm_attn_args *a, const fm_at_plan *pl,
+static FM_AT_ATTR void FM_AT_FN(fm_at_task)(fm_attn_args *a, const fm_at_plan *pl,
                                             fm_ssize t, char *parts, char *scratch,
                                             const fm_at_layout *lay)
 {
@@ -628,7 +671,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_task)(const fm_attn_args *a, const fm_at_p
 
 /* The whole call: plan, then one parallel region (tasks from an atomic counter; with
  * split keys, a barrier and the merges). Returns 0, or -1 when memory ran out. */
-static FM_AT_ATTR int FM_AT_FN(fm_attn_run)(const fm_attn_args *a)
+static FM_AT_ATTR int FM_AT_FN(fm_attn_run)(fm_attn_args *a)
 {
     fm_at_plan pl;
     fm_at_layout lay;
@@ -641,7 +684,7 @@ static FM_AT_ATTR int FM_AT_FN(fm_attn_run)(const fm_attn_args *a)
     fm_at_plan_make(a, rmax, &pl);
     fm_at_layout_make(a, rmax, FM_AT_BK, sizeof(FM_AT_T), &lay);
 #ifdef FM_AT_SMALL_RUN
-    lay.small = fm_at_small_ok(a, pl.gsub * pl.nq);
+    lay.small = fm_at_small_ok(a, pl.gsub * pl.nq) && !a->pred && !a->score;
 #endif
     ntasks = pl.items * pl.nsplit;
     nt = a->nthreads < 1 ? 1 : a->nthreads;

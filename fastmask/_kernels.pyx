@@ -20,7 +20,7 @@ and :func:`after_fork_in_child`.
 
 from cython.parallel cimport prange
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp

@@ -29,6 +29,7 @@ import numpy as np
 from . import outputs
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
+from .masks.custom import prepare as prepare_user_functions
 from .masks.dense import DenseMask
 from .request import (
     _COMPUTE,
@@ -111,6 +112,13 @@ class AttentionRequest(AttentionSizes):
         The user's mask strategy.
     key : tuple
         Routing signature: requests with equal keys route to the same backend.
+    predicate, score : object or None
+        The mask's user predicate / score function (:mod:`fastmask.masks.custom`),
+        compiled for ``compute_dtype``; they see the indices of the scores as
+        ``masked_softmax`` defines them (``b``, ``h0 + h``, ``q``, ``k``).
+    swap_bh : bool
+        3-D scores ``(X, Lq, Lk)``, laid out as ``B = 1, H = X``: the user functions'
+        ``b`` is this request's ``h`` and their ``h`` is 0.
     """
 
     op: str
@@ -128,6 +136,9 @@ class AttentionRequest(AttentionSizes):
     compute_dtype: np.dtype
     strategy: MaskStrategy | None
     key: tuple
+    predicate: Any = None
+    score: Any = None
+    swap_bh: bool = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -315,6 +326,7 @@ def build_attention_requests(
     plan = strategy.plan(scores_shape) if strategy is not None else None
     nd = len(scores_shape)
     plan_keep, bounds = plan_keep_and_bounds(plan, scores_shape)
+    user_fns = prepare_user_functions(plan, cdt)  # (predicate, score), compiled: TypeError here
     keep = None if plan_keep is None else np.broadcast_to(plan_keep, scores_shape)
 
     bias_view = None
@@ -363,7 +375,7 @@ def build_attention_requests(
     )
     operands = [q_b, k_b, v_b, out, weights, keep, bias_view]
     requests: list[AttentionRequest] = []
-    _assemble(operands, bounds, s, group, cdt, strategy, key, 0, nd, requests)
+    _assemble(operands, bounds, s, group, cdt, strategy, key, 0, nd, requests, user_fns)
     return requests, out, weights
 
 
@@ -378,6 +390,7 @@ def _assemble(
     h0: int,
     nd: int,
     requests: list[AttentionRequest],
+    user_fns: tuple[Any, Any] = (None, None),
 ) -> None:
     """Fold the operands to 4-D views, splitting along axis 1 where a fold needs a copy."""
     folded = [None if a is None else _fold(a) for a in operands]
@@ -389,7 +402,7 @@ def _assemble(
             sub = [None if a is None else a[:, i] for a in operands]
             sub_bounds = None if bounds is None else bounds[:, i * inner_h : (i + 1) * inner_h]
             _assemble(sub, sub_bounds, s, group, cdt, strategy, key, h0 + i * inner_h, nd - 1,
-                      requests)  # fmt: skip
+                      requests, user_fns)  # fmt: skip
         return
     q4, k4, v4, out4, w4, keep4, bias4 = folded
     b4 = bounds
@@ -402,6 +415,6 @@ def _assemble(
     requests.append(
         AttentionRequest(
             "attention", q4, k4, v4, out4, w4, keep4, bias4, b4, s, group, h0, cdt,
-            strategy, key,
+            strategy, key, *user_fns, nd == 3,
         )
     )  # fmt: skip

@@ -174,3 +174,108 @@ def test_recycled_outputs_are_not_shared():
     assert not np.shares_memory(first, second)
     np.testing.assert_array_equal(first, kept)
     assert np.all(fm.attention(q, k, v, m.padding(np.zeros(4, int)), backend="cython") == 0)
+
+
+# ------------------------------------------------- user predicates and score functions
+
+
+def _user_reference(q, k, v, keep_fn=None, score_fn=None, mask=None, bias=None):
+    """The float64 reference with the user functions evaluated in Python, by definition:
+    scores (..., Lq, Lk) indexed as masked_softmax indexes them (b: first axis when
+    there are three or more, h: the flat index of the axes between it and Lq)."""
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    if q64.ndim >= 3 and k64.shape[-3] != q64.shape[-3]:  # GQA: repeat the kv heads
+        g = q64.shape[-3] // k64.shape[-3]
+        k64, v64 = np.repeat(k64, g, axis=-3), np.repeat(v64, g, axis=-3)
+    z = q64 @ np.swapaxes(k64, -1, -2) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        z = z + bias
+    shape = z.shape
+    b_, h_ = (shape[0], int(np.prod(shape[1:-2]))) if z.ndim >= 3 else (1, 1)
+    z4 = z.reshape(b_, h_, *shape[-2:])
+    keep = np.ones(z4.shape, bool) if mask is None else dense_keep(mask, shape).reshape(z4.shape)
+    for b, h, i, j in np.ndindex(*z4.shape):
+        if score_fn is not None:
+            z4[b, h, i, j] = score_fn(z4[b, h, i, j], b, h, i, j)
+        if keep_fn is not None:
+            keep[b, h, i, j] &= keep_fn(b, h, i, j)
+    z4 = np.where(keep, z4, -np.inf)
+    mx = z4.max(-1, keepdims=True)
+    e = np.exp(z4 - np.where(np.isfinite(mx), mx, 0))
+    total = e.sum(-1, keepdims=True)
+    w = np.divide(e, total, out=np.zeros_like(e), where=total > 0).reshape(shape)
+    return w @ v64
+
+
+def _every_third(b, h, i, j):
+    return (i + 2 * j + b + h) % 3 != 0
+
+
+def _alibi(s, b, h, i, j):
+    return s - 0.25 * (h + 1) * abs(i - j)
+
+
+USER_CASES = {
+    "predicate": ((2, 3, 70, 32), (2, 3, 130, 32), _every_third, None, None),
+    "predicate&causal": ((2, 3, 70, 32), (2, 3, 70, 32), _every_third, None, "causal-br"),
+    "score": ((2, 3, 70, 32), (2, 3, 90, 32), None, _alibi, None),
+    "score&padding+bias": ((2, 3, 33, 32), (2, 3, 90, 32), None, _alibi, "padding"),
+    "both, GQA decode": ((2, 8, 1, 64), (2, 2, 1500, 64), _every_third, _alibi, "padding"),
+    "both, 3-D": ((3, 40, 16), (3, 50, 16), _every_third, _alibi, None),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_CASES))
+def test_user_functions_in_attention(backend, case):
+    qshape, kshape, keep_fn, score_fn, kind = USER_CASES[case]
+    rng = np.random.default_rng(len(case))
+    q, k, v = qkv(rng, qshape, kshape)
+    mask = None
+    bias = None
+    if kind == "causal-br":
+        mask = m.causal(align="bottom-right")
+    elif kind == "padding":
+        mask = m.padding(np.array([kshape[-2], kshape[-2] // 3]))
+        if "bias" in case:
+            bias = (rng.standard_normal((qshape[0], 1, 1, kshape[-2])) * 2).astype(np.float32)
+    strategy = mask
+    for part in ([m.predicate(keep_fn)] if keep_fn else []) + (
+        [m.score(score_fn)] if score_fn else []
+    ):
+        strategy = part if strategy is None else strategy & part
+    verdict = fm.explain_attention(q, k, v, strategy, bias=bias, backend=None)
+    mine = next(c for c in verdict.candidates if c.name == backend)
+    if not mine.ok:
+        assert "predicates and score functions" in mine.reason
+        pytest.skip(f"{backend}: {mine.reason}")
+    out = fm.attention(q, k, v, strategy, bias=bias, backend=backend)
+    ref = _user_reference(q, k, v, keep_fn, score_fn, mask, bias)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_user_function_errors_name_the_row():
+    def boom(b, h, i, j):
+        if b == 1 and h == 2 and i == 5 and j == 7:
+            raise ValueError("no such token")
+        return True
+
+    rng = np.random.default_rng(29)
+    q, k, v = qkv(rng, (2, 4, 9, 16), (2, 4, 9, 16))
+    with pytest.raises(fm.BackendError) as info:
+        fm.attention(q, k, v, m.predicate(boom), backend="cython")
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "b=1, h=2, q_idx=5, k_idx=7" in str(info.value.__cause__)
+
+
+def test_user_functions_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(31)
+    q, k, v = qkv(rng, (2, 8, 300, 64), (2, 4, 300, 64))
+    strategy = m.predicate(_every_third) & m.score(_alibi) & m.causal()
+    outs = []
+    try:
+        for n in (1, 2):
+            fm.set_num_threads(n)
+            outs.append(fm.attention(q, k, v, strategy, backend="cython"))
+    finally:
+        fm.set_num_threads(None)
+    np.testing.assert_array_equal(outs[0], outs[1])

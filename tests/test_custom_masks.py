@@ -348,14 +348,16 @@ def test_numba_dispatcher_accepted(rng):
     check(fm.masked_softmax(x, pred, backend="numba"), x, np.triu(np.ones((4, 4), bool)))
 
 
-def test_structured_axis_rule_and_attention_declines(rng):
+def test_structured_axis_rule_and_attention(rng):
     x = logits(rng, (4, 4))
     with pytest.raises(ValueError, match="softmax axis last"):
         fm.masked_softmax(x, P["causal"], axis=0)
-    if hasattr(fm, "attention"):
-        q = logits(rng, (1, 2, 4, 8))
-        with pytest.raises(ValueError, match="masked_softmax only"):
-            fm.attention(q, q, q, mask=P["causal"])
+    q = logits(rng, (1, 2, 4, 8))
+    # attention runs user predicates in the fused engine (tests/test_attention_engine.py)
+    np.testing.assert_allclose(
+        fm.attention(q, q, q, mask=P["causal"]), fm.attention(q, q, q, mask=masks.causal()),
+        atol=1e-6,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------

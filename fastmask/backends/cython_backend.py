@@ -59,7 +59,11 @@ class CythonBackend(Backend):
     def check(self, request) -> Verdict:
         if runs_user_code(request):
             if request.op == "attention":
-                return Verdict.no("custom predicates and score functions: masked_softmax only")
+                # The fused engine calls the Numba-compiled row functions from its region.
+                fused = fused_attention.estimate(request, _kernels)
+                if not fused.ok:
+                    return Verdict.no(f"custom predicates and score functions: {fused.reason}")
+                return Verdict(True, fused.reason + ", fused user functions", fused.cost)
             return Verdict.no(
                 "custom predicates and score functions run in the numba backend "
                 "(compiled with Numba; the Cython kernels are compiled ahead of time)"

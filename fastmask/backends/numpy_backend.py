@@ -7,6 +7,8 @@ when nothing faster can serve a call.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from ..hookspecs import hookimpl
@@ -25,6 +27,25 @@ def _dense_keep(request, n: int | None = None) -> np.ndarray | None:
     return keep
 
 
+def _user_operands(request, scores: np.ndarray, keep: np.ndarray | None):
+    """:func:`fastmask.masks.custom.reference_operands` on an attention request's scores,
+    in the index convention of ``masked_softmax`` (3-D scores: ``b`` is the head axis)."""
+    bias = request.bias4
+    swap = request.swap_bh
+    if swap:  # (1, X, Lq, Lk) -> (X, 1, Lq, Lk), as masked_softmax indexes 3-D scores
+        scores = scores.swapaxes(0, 1)
+        keep = None if keep is None else np.broadcast_to(keep, request.scores_shape4).swapaxes(0, 1)
+        bias = None if bias is None else bias.swapaxes(0, 1)
+    shim = SimpleNamespace(x4=scores, bias4=bias, scale=request.scale, h0=request.h0,
+                           predicate=request.predicate, score=request.score)  # fmt: skip
+    x, keep, bias, scale = custom.reference_operands(shim, keep)
+    if swap:
+        x = x.swapaxes(0, 1)
+        keep = None if keep is None else keep.swapaxes(0, 1)
+        bias = None if bias is None else bias.swapaxes(0, 1)
+    return x, keep, bias, scale
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     device = "cpu"
@@ -41,8 +62,6 @@ class NumpyBackend(Backend):
     def check(self, request) -> Verdict:
         cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size
         if custom.runs_user_code(request):
-            if request.op == "attention":
-                return Verdict.no("custom predicates and score functions: masked_softmax only")
             # the user functions are evaluated over the whole grid (compiled), then the reference
             if not custom.grids_ready():
                 return Verdict(True, "reference, JIT warm-up first", 2 * cost + self.WARMUP_US)
@@ -72,12 +91,11 @@ class NumpyBackend(Backend):
         k = request.k4.astype(np.float64)[:, :, None]
         v = request.v4.astype(np.float64)[:, :, None]
         scores = np.matmul(q, k.swapaxes(-1, -2)).reshape(b, h, lq, lk)
+        keep, bias, scale = _dense_keep(request, lk), request.bias4, request.scale
+        if custom.runs_user_code(request):
+            scores, keep, bias, scale = _user_operands(request, scores, keep)
         weights = masked_softmax_reference(
-            scores,
-            keep=_dense_keep(request, lk),
-            bias=request.bias4,
-            scale=request.scale,
-            dtype=np.float64,
+            scores, keep=keep, bias=bias, scale=scale, dtype=np.float64
         )
         out = np.matmul(weights.reshape(b, hk, g, lq, lk), v).reshape(b, h, lq, dv)
         np.copyto(request.out4, out, casting="unsafe")

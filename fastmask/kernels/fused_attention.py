@@ -87,6 +87,8 @@ def usable(request, kernels) -> str:
         return "no fused engine in this build (needs GCC or clang)"
     if request.weights4 is not None:
         return "return_weights=True materialises the weights: tiled driver"
+    if request.swap_bh and request.h0:
+        return "a split 3-D call with user functions"
     if request.k4.shape[2] > 0x7FFFFFFF:
         return "more than 2**31 - 1 keys"
     return ""
@@ -215,10 +217,23 @@ def run(request, kernels) -> None:
     items = _items(request, kernels)[-1]
     tasks = items * _splits(items, request.k4.shape[2])
     threads = _threads(tasks, 2 * request.size * (q4.shape[3] + v4.shape[3]))
-    kernels.attention_4d(
+    pred, score = request.predicate, request.score
+    cdt = request.compute_dtype
+    failed = kernels.attention_4d(
         q4, k4, v4, request.out4, request.keep4, request.bias4, request.bounds4,
         request.scale, group, threads,
+        pred.row_function(cdt) if pred is not None else 0,
+        score.row_function(cdt) if score is not None else 0,
+        request.h0, request.swap_bh,
     )  # fmt: skip
+    if failed >= 0:  # re-run that row in Python for the user's exception
+        _, h, lq, _ = request.q4.shape
+        b, hh, q = failed // (h * lq), (failed // lq) % h, failed % lq
+        b, hh = (hh, 0) if request.swap_bh else (b, request.h0 + hh)
+        fns = [f for f in (pred, score) if f is not None]
+        lk = request.k4.shape[2]
+        culprit = next((f for f in fns if f.python_error(b, hh, q, lk) is not None), fns[-1])
+        culprit.row_failed(b, hh, q, lk)
 
 
 def _rows_contiguous(a: np.ndarray) -> np.ndarray:

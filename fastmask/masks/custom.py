@@ -17,12 +17,15 @@ How they run
 Each function is compiled once (per compute dtype for score functions) into a
 Numba *row function* that evaluates it over one row of keys with the function
 inlined into the loop (:func:`fastmask.kernels.numba_softmax.predicate_row_function`).
-The ``numba`` backend calls it once per row from its kernel; the kernel itself
-is compiled once per dtype, not per predicate. Kept intervals of the other
-strategies in a composition still narrow each row first; the predicate
-filters inside them, and the row then shrinks to its first and last kept key.
+The ``numba`` backend calls it once per row from its masked-softmax kernel; the
+kernel itself is compiled once per dtype, not per predicate. In attention the
+``cython`` backend's fused engine calls the same row functions from its
+parallel region, once per row and block of keys (the ``numba`` backend does not
+serve them in attention). Kept intervals of the other strategies in a
+composition still narrow each row first; the predicate filters inside them.
 The ``numpy`` reference backend evaluates the same row functions over the
-whole grid (materialising the mask); ``cython`` does not serve them.
+whole grid (materialising the mask); ``cython`` does not serve them in
+``masked_softmax``.
 
 Arrays the function reads (closure variables or module globals) are *frozen*
 by Numba when it is compiled: their contents are copied into the compiled
@@ -182,18 +185,27 @@ class _UserFunction(MaskStrategy):
         Python to find and report it.
         """
         where = f"b={b}, h={h}, q_idx={q}"
-        for k in range(n):
-            try:
-                self._call_python(b, h, q, k)
-            except Exception as exc:
-                raise ValueError(
-                    f"{self.kind} {self.name!r} raised {type(exc).__name__} at "
-                    f"({where}, k_idx={k}): {exc}"
-                ) from exc
+        found = self.python_error(b, h, q, n)
+        if found is not None:
+            k, exc = found
+            raise ValueError(
+                f"{self.kind} {self.name!r} raised {type(exc).__name__} at "
+                f"({where}, k_idx={k}): {exc}"
+            ) from exc
         raise ValueError(
             f"{self.kind} {self.name!r} raised an exception in its compiled code on the row "
             f"({where}); it does not raise when run in Python, so the message is not known"
         )
+
+    def python_error(self, b: int, h: int, q: int, n: int) -> tuple[int, Exception] | None:
+        """``(k_idx, exception)`` of the first key of row ``(b, h, q)`` on which the
+        function raises when run in Python, or None."""
+        for k in range(n):
+            try:
+                self._call_python(b, h, q, k)
+            except Exception as exc:
+                return k, exc
+        return None
 
     @property
     def key(self) -> Any:
