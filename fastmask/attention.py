@@ -41,7 +41,8 @@ def attention(
     mask : bool array or MaskStrategy, optional
         On the scores ``(..., Lq, Lk)``, exactly as for :func:`fastmask.masked_softmax`:
         a boolean array where **True = keep**, or a :mod:`fastmask.masks` strategy
-        (custom predicates and score functions are not served in attention yet).
+        (user predicates and score functions included: the ``cython`` backend calls
+        their Numba-compiled code inside its fused engine).
         Other dtypes raise ``TypeError`` (use ``masks.keep(a)``, ``masks.drop(a)`` or
         ``bias=a``).
     bias : array_like, optional

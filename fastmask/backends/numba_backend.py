@@ -72,7 +72,10 @@ class NumbaBackend(Backend):
     def check(self, request) -> Verdict:
         if request.op == "attention":
             if runs_user_code(request):
-                return Verdict.no("custom predicates and score functions: masked_softmax only")
+                return Verdict.no(
+                    "custom predicates and score functions: masked_softmax only here "
+                    "(attention runs them in the cython backend's fused engine)"
+                )
             v = tiled_attention.estimate(request, self.OVERHEAD_US, self.PER_ELEMENT_US)
             if _kernels is None or not _kernels.is_compiled(request.compute_dtype):
                 return Verdict(True, v.reason + ", JIT warm-up first", v.cost + self.WARMUP_US)

@@ -37,8 +37,8 @@ SPLIT_MIN_KEYS = 1024
 SPLIT_PIECE = 512
 #: Cost model, microseconds: a call's fixed cost and the time of one computed flop on
 #: one thread (float32 AVX-512: 130-160 GFLOP/s per thread on the A1/A2 workloads of
-#: ``fastmask bench`` on a Zen 5 core; float64 and narrower vectors are slower, and
-#: the baseline variant's 4-lane vectors lose to the tiled driver's BLAS).
+#: ``fastmask bench`` on a Zen 5 core). The AVX2 and baseline (4-lane) variants are
+#: assumed 2x and ~6x slower per flop, float64 2x: estimates, not measured.
 OVERHEAD_US = 3.0
 PER_FLOP_US = {"avx512": 7e-6, "avx2": 1.4e-5, "generic": 4e-5}
 #: Below this many flops a parallel region costs more than it saves.
