@@ -61,6 +61,7 @@ typedef struct {
     int64_t failed; /* out: the first row (b * H + h) * Lq + q on which one raised, or -1 */
 } fm_attn_args;
 
+#if defined(__GNUC__) || defined(__clang__) /* the engine's compilers (FM_AT_ENGINE) */
 /* A user function raised on row (b, h, q): remember the smallest such row (any
  * thread), so the error reported does not depend on the scheduling. */
 static FM_UNUSED void fm_at_fail(fm_attn_args *a, fm_ssize b, fm_ssize h, fm_ssize q)
@@ -72,6 +73,7 @@ static FM_UNUSED void fm_at_fail(fm_attn_args *a, fm_ssize b, fm_ssize h, fm_ssi
                                         __ATOMIC_RELAXED)) {
     }
 }
+#endif
 
 #define FM_AT_RMAX 64 /* rows of a work item, at most (4 vectors of 16 floats) */
 
