@@ -12,7 +12,7 @@
  *   - P . V broadcasts P[r][j] against V[j] (16 accumulators in registers: 4 rows x
  *     64 values of Dv), so each K and V row is read from memory once per item, for
  *     every query head of the group.
- * The state it leaves (m, l, NaN flags and O^T) is laid out as _attention_tile.h's,
+ * The state it leaves (m, l and O^T) is laid out as _attention_tile.h's,
  * so the split-key merge and the store are shared.
  */
 
@@ -95,8 +95,9 @@ static FM_UNUSED int fm_at_small_ok(const fm_attn_args *a, fm_ssize rows)
            a->Dv <= FM_AT_SMALL_DV && a->D > 0;
 }
 
-/* Same contract as fm_at_item_run: keys [ka, kb) of item `it`; leaves m, l, the NaN
- * flags and O^T (Dv x rp) in the thread's scratch. */
+/* Same contract as fm_at_item_run: keys [ka, kb) of item `it`; leaves m, l and O^T
+ * (Dv x rp) in the thread's scratch. A kept NaN or +inf score makes the row's sum NaN
+ * (exp(NaN - m), exp(inf - inf)), which the store turns into a NaN row. */
 static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *it,
                                              fm_ssize ka, fm_ssize kb, char *scratch,
                                              const fm_at_layout *lay)
@@ -106,7 +107,6 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
     float *ot = (float *)(scratch + lay->off_ot);
     float *m = (float *)(scratch + lay->off_m);
     float *l = (float *)(scratch + lay->off_l);
-    int32_t *nf = (int32_t *)(scratch + lay->off_nan);
     const int32_t *lo = (const int32_t *)it->lo, *hi = (const int32_t *)it->hi;
     const char *kbase = a->k + it->b * a->ks_b + it->kvh * a->ks_h;
     const char *vbase = a->v + it->b * a->vs_b + it->kvh * a->vs_h;
@@ -121,12 +121,10 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
         qr[r] = (const float *)(a->q + it->b * a->qs_b + it->h[r] * a->qs_h + it->qi[r] * a->qs_q);
         m[r] = -INFINITY;
         l[r] = 0;
-        nf[r] = 0;
     }
     for (r = nr; r < rp; r++) {
         m[r] = -INFINITY;
         l[r] = 0;
-        nf[r] = 0;
     }
     memset(o, 0, (size_t)(nr * dv_n) * sizeof(float));
 
@@ -175,7 +173,6 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
                                            it->qi[r] * a->kps_q + k0 * a->kps_k
                                      : NULL;
             __m512 mb = ninf, lb = _mm512_setzero_ps();
-            __mmask16 bad = 0;
             float bm, mn, mu, alpha;
             for (j = 0; j < nk; j += 16) {
                 const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(k0 + j)));
@@ -186,12 +183,9 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
                 s = _mm512_mul_ps(_mm512_loadu_ps(sr + j), sc);
                 if (br) s = _mm512_add_ps(s, fm_at_bias16(br + j * a->bs_k, a->bs_k, keep));
                 s = _mm512_mask_mov_ps(ninf, keep, s);
-                bad |= _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q) |
-                       _mm512_cmp_ps_mask(s, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
                 mb = _mm512_max_ps(s, mb); /* a NaN s leaves mb as it was */
                 _mm512_storeu_ps(sr + j, s);
             }
-            if (bad) nf[r] = -1;
             bm = _mm512_reduce_max_ps(mb);
             mn = bm > m[r] ? bm : m[r];
             mu = mn == -INFINITY ? 0.0f : mn;
@@ -305,8 +299,7 @@ static FM_TARGET_AVX512 void fm_at_pack_qt_avx512(const fm_attn_args *a, const f
 /* The item's output rows from O^T: row r = O^T[:, r] / l[r] (0 for rows with nothing
  * kept, NaN for rows with a kept NaN/+inf), 16 x 16 blocks at a time. */
 static FM_TARGET_AVX512 void fm_at_store_avx512(const fm_attn_args *a, const fm_at_item *it,
-                                                const float *l, const int32_t *nf,
-                                                const float *ot)
+                                                const float *l, const float *ot)
 {
     const fm_ssize rp = it->rp, dv_n = a->Dv;
     fm_ssize r0, e0;
@@ -316,7 +309,7 @@ static FM_TARGET_AVX512 void fm_at_store_avx512(const fm_attn_args *a, const fm_
         int nan[16], zero[16], i;
         for (i = 0; i < rn; i++) {
             const float li = l[r0 + i];
-            nan[i] = nf[r0 + i] != 0 || li != li;
+            nan[i] = li != li;
             zero[i] = !nan[i] && !(li > 0); /* nothing kept: zeros, whatever V holds */
             inv[i] = (!nan[i] && li > 0) ? 1.0f / li : 0.0f;
         }

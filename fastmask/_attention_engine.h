@@ -101,9 +101,9 @@ typedef struct {
 
 /* Byte offsets in a thread's scratch and in one split's partial result. */
 typedef struct {
-    fm_ssize bk, off_qt, off_st, off_ot, off_bt, off_kt, off_ub, off_m, off_l, off_nan;
+    fm_ssize bk, off_qt, off_st, off_ot, off_bt, off_kt, off_ub, off_m, off_l;
     fm_ssize thread_bytes;
-    fm_ssize poff_m, poff_l, poff_nan, poff_ot, part_bytes;
+    fm_ssize poff_m, poff_l, poff_ot, part_bytes;
     int small; /* items of few rows take the variant's row-major path (decode) */
 } fm_at_layout;
 
@@ -151,12 +151,10 @@ static FM_UNUSED void fm_at_layout_make(const fm_attn_args *a, fm_ssize rmax, fm
     l->off_ub = o; o += (a->pred || a->score) ? fm_at_round64(bk * 8) : 0;
     l->off_m = o; o += fm_at_round64(rmax * 8);
     l->off_l = o; o += fm_at_round64(rmax * 8);
-    l->off_nan = o; o += fm_at_round64(rmax * 8);
     l->thread_bytes = o + 64; /* a spare line: threads never share one */
     o = 0;
     l->poff_m = o; o += fm_at_round64(rmax * 8);
     l->poff_l = o; o += fm_at_round64(rmax * 8);
-    l->poff_nan = o; o += fm_at_round64(rmax * 8);
     l->poff_ot = o; o += fm_at_round64(a->Dv * rmax * item);
     l->part_bytes = o;
 }

@@ -314,7 +314,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_softmax_block)(const fm_at_item *it, fm_ss
 }
 
 /* One work item's split [ka, kb) of keys: Q^T packed, then every key block computed.
- * State (m, l, nan flags, O^T) is left in the thread's scratch. */
+ * State (m, l, O^T) is left in the thread's scratch. */
 static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_item *it,
                                                 fm_ssize ka, fm_ssize kb, char *scratch,
                                                 const fm_at_layout *lay)
@@ -328,7 +328,6 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
     char *ub = (a->pred || a->score) ? scratch + lay->off_ub : NULL; /* a user row */
     FM_AT_T *m = (FM_AT_T *)(scratch + lay->off_m);
     FM_AT_T *l = (FM_AT_T *)(scratch + lay->off_l);
-    FM_AT_IT *nf = (FM_AT_IT *)(scratch + lay->off_nan);
     FM_AT_IT *lo = (FM_AT_IT *)it->lo, *hi = (FM_AT_IT *)it->hi;
     const char *kbase = a->k + it->b * a->ks_b + it->kvh * a->ks_h;
     const char *vbase = a->v + it->b * a->vs_b + it->kvh * a->vs_h;
@@ -352,7 +351,6 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
     for (r = 0; r < rp; r++) {
         m[r] = -(FM_AT_T)INFINITY;
         l[r] = 0;
-        nf[r] = 0;
     }
 #ifdef FM_AT_PACK_QT
     FM_AT_PACK_QT(a, it, qt);
@@ -545,13 +543,13 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_build)(const fm_attn_args *a, const f
     if (it->k_lo >= it->k_hi) it->k_lo = it->k_hi = 0;
 }
 
-/* Write rows [0, nrows) of the output from (m, l, nan flags, O^T). */
+/* Write rows [0, nrows) of the output from (l, O^T): a NaN sum (a kept NaN or +inf)
+ * gives a NaN row, a zero sum (nothing kept) a zero row. */
 static FM_AT_ATTR void FM_AT_FN(fm_at_store)(const fm_attn_args *a, const fm_at_item *it,
-                                             const FM_AT_T *l, const FM_AT_IT *nf,
-                                             const FM_AT_T *ot)
+                                             const FM_AT_T *l, const FM_AT_T *ot)
 #ifdef FM_AT_STORE
 {
-    FM_AT_STORE(a, it, l, nf, ot);
+    FM_AT_STORE(a, it, l, ot);
 }
 #else
 {
@@ -559,7 +557,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_store)(const fm_attn_args *a, const fm_at_
     fm_ssize r, e;
     for (r = 0; r < it->nrows; r++) {
         char *orow = a->o + it->b * a->os_b + it->h[r] * a->os_h + it->qi[r] * a->os_q;
-        const int nan = nf[r] != 0 || l[r] != l[r], zero = !(l[r] > 0);
+        const int nan = l[r] != l[r], zero = !(l[r] > 0);
         const FM_AT_T inv = (nan || zero) ? 0 : (FM_AT_T)1 / l[r];
 #if FM_AT_F32
         if (a->out_half) {
@@ -593,19 +591,18 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_merge)(const fm_attn_args *a, const fm_at_
 {
     fm_at_item it;
     FM_AT_T *l = (FM_AT_T *)(scratch + lay->off_l);
-    FM_AT_IT *nf = (FM_AT_IT *)(scratch + lay->off_nan);
     FM_AT_T *ot = (FM_AT_T *)(scratch + lay->off_ot);
     fm_ssize c, r, e, rp, dv_n = a->Dv;
     FM_AT_FN(fm_at_item_build)(a, pl, idx, &it);
     rp = it.rp;
     for (r = 0; r < rp; r++) {
         FM_AT_T mx = -(FM_AT_T)INFINITY, sum = 0;
-        FM_AT_IT nan = 0;
+        int nan = 0;
         for (c = 0; c < pl->nsplit; c++) {
             const char *pc = parts + (idx * pl->nsplit + c) * lay->part_bytes;
             const FM_AT_T mc = ((const FM_AT_T *)(pc + lay->poff_m))[r];
             const FM_AT_T lc = ((const FM_AT_T *)(pc + lay->poff_l))[r];
-            nan |= ((const FM_AT_IT *)(pc + lay->poff_nan))[r] | (FM_AT_IT)(lc != lc);
+            nan |= lc != lc;
             if (mc > mx) mx = mc;
         }
         for (e = 0; e < dv_n; e++) ot[e * rp + r] = 0;
@@ -625,10 +622,9 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_merge)(const fm_attn_args *a, const fm_at_
                 for (e = 0; e < dv_n; e++) ot[e * rp + r] += w * oc[e * rp + r];
             }
         }
-        l[r] = sum;
-        nf[r] = nan;
+        l[r] = nan ? (FM_AT_T)NAN : sum;
     }
-    FM_AT_FN(fm_at_store)(a, &it, l, nf, ot);
+    FM_AT_FN(fm_at_store)(a, &it, l, ot);
 }
 
 /* Task t: item t / nsplit, split t % nsplit of the item's kept key range. */
@@ -647,7 +643,6 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_task)(fm_attn_args *a, const fm_at_plan *p
         }
         FM_AT_RUN_ITEM(a, &it, it.k_lo, it.k_hi, scratch, lay);
         FM_AT_FN(fm_at_store)(a, &it, (const FM_AT_T *)(scratch + lay->off_l),
-                              (const FM_AT_IT *)(scratch + lay->off_nan),
                               (const FM_AT_T *)(scratch + lay->off_ot));
         return;
     }
@@ -663,7 +658,6 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_task)(fm_attn_args *a, const fm_at_plan *p
         FM_AT_RUN_ITEM(a, &it, ka, kb, scratch, lay);
         memcpy(pc + lay->poff_m, scratch + lay->off_m, (size_t)it.rp * sizeof(FM_AT_T));
         memcpy(pc + lay->poff_l, scratch + lay->off_l, (size_t)it.rp * sizeof(FM_AT_T));
-        memcpy(pc + lay->poff_nan, scratch + lay->off_nan, (size_t)it.rp * sizeof(FM_AT_IT));
         memcpy(pc + lay->poff_ot, scratch + lay->off_ot,
                (size_t)(a->Dv * it.rp) * sizeof(FM_AT_T));
     }

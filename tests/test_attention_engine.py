@@ -279,3 +279,23 @@ def test_user_functions_do_not_depend_on_the_thread_count():
     finally:
         fm.set_num_threads(None)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_nan_and_inf_rows_in_decode(backend):
+    """The same rules on decode shapes (GQA, one query, D and Dv multiples of 16: the
+    engine's row-major path), with and without split keys."""
+    rng = np.random.default_rng(37)
+    for lk in (300, 2100):
+        q = np.abs(rng.standard_normal((3, 8, 1, 64))).astype(np.float32)
+        k = np.abs(rng.standard_normal((3, 2, lk, 64))).astype(np.float32)
+        v = rng.standard_normal((3, 2, lk, 16)).astype(np.float32)
+        k[0, 1, lk // 2, 5] = np.nan  # batch 0, kv head 1: query heads 4-7 NaN
+        k[1, 0, 7, 0] = np.inf  # batch 1, kv head 0: query heads 0-3 NaN
+        k[2, 0, lk - 1, 0] = np.nan  # batch 2: masked by the padding, no effect
+        mask = m.padding(np.array([lk, lk, lk - 1]))
+        out = fm.attention(q, k, v, mask, backend=backend)
+        ref, _ = reference(q, k, v, mask.to_dense((3, 8, 1, lk)))
+        assert np.isnan(out[0, 4:]).all() and not np.isnan(out[0, :4]).any()
+        assert np.isnan(out[1, :4]).all() and not np.isnan(out[1, 4:]).any()
+        assert not np.isnan(out[2]).any()
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)

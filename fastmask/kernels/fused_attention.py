@@ -209,7 +209,8 @@ def estimate(request, kernels) -> Verdict:
 
 
 def run(request, kernels) -> None:
-    """Compute ``request`` (``out4`` zero-filled) with the engine."""
+    """Compute ``request`` with the engine; it writes every row of ``out4`` (zeros
+    included), so ``out4`` need not be zero-filled."""
     k4, v4, group = _kv_heads(request)
     q4, k4, v4 = (_rows_contiguous(a) for a in (request.q4, k4, v4))
     # Threads from the unmasked work (an upper bound): the mask's share is not
@@ -237,8 +238,8 @@ def run(request, kernels) -> None:
 
 
 def _rows_contiguous(a: np.ndarray) -> np.ndarray:
-    """``a`` itself when its last axis is unit-stride, else a copy whose last axis is
-    (leading broadcast axes stay broadcast)."""
+    """``a`` itself when its last axis is unit-stride, else a C-contiguous copy (rare:
+    a transposed operand; broadcast leading axes are expanded in that copy)."""
     if a.shape[-1] <= 1 or a.strides[-1] == a.itemsize:
         return a
     return np.ascontiguousarray(a)
