@@ -412,6 +412,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #define FM_EXP fm_exp_f32
 #define FM_LANES FM_LANES_F32
 #define FM_NEG_INF (-HUGE_VALF)
+#define FM_Z_FUSED_MAX 16777216.0f /* 2^24: below it the fused rounding error is < 1 */
 #define FM_NAN_BITS uint32_t
 #define FM_NAN_PATTERN 0x7fc00000u
 #include "_softmax_row.h"
@@ -420,6 +421,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #undef FM_EXP
 #undef FM_LANES
 #undef FM_NEG_INF
+#undef FM_Z_FUSED_MAX
 #undef FM_NAN_BITS
 #undef FM_NAN_PATTERN
 
@@ -428,6 +430,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #define FM_EXP fm_exp_f64
 #define FM_LANES FM_LANES_F64
 #define FM_NEG_INF (-HUGE_VAL)
+#define FM_Z_FUSED_MAX 9007199254740992.0 /* 2^53 */
 #define FM_NAN_BITS uint64_t
 #define FM_NAN_PATTERN 0x7ff8000000000000ull
 #include "_softmax_row.h"
@@ -436,6 +439,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #undef FM_EXP
 #undef FM_LANES
 #undef FM_NEG_INF
+#undef FM_Z_FUSED_MAX
 #undef FM_NAN_BITS
 #undef FM_NAN_PATTERN
 
@@ -962,6 +966,24 @@ FM_INLINE double FM_FN(fm_reduce_sum)(FM_T *acc)
 }
 
 /*
+ * Pass 2 recomputes z = x * scale and subtracts m, which compilers fuse into one
+ * rounding: exp's argument is then exact(x * scale) - round(x_max * scale), off by the
+ * max's own rounding error, a shift that cancels in the normalisation while it is
+ * small. Once |m| reaches 2^(mantissa bits) that error can exceed the range of exp
+ * (float32 1e20 * 0.1 is off by ~1e12: exp gives inf or 0, the row NaN or empty), so
+ * such rows round z first, into e, as the reference does. Returns whether it did.
+ */
+FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, FM_T scale, fm_ssize n, FM_T *e,
+                                     FM_T m)
+{
+    fm_ssize i;
+    if (!(m > FM_NEG_INF) || FM_MAX(m, -m) < FM_Z_FUSED_MAX)
+        return 0;
+    for (i = 0; i < n; i++) e[i] = src[i] * scale;
+    return 1;
+}
+
+/*
  * Passes 1 and 2 over a contiguous span of n >= 1 keys of src (with keep / bias rows,
  * or NULL). On FM_ROW_OK, e[0, n) holds exp(z - m) and *inv = 1 / sum(e); otherwise
  * the whole row (the caller's job) must be zeros (FM_ROW_ZERO) or NaN (FM_ROW_NAN).
@@ -984,6 +1006,7 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
                              const int hb)
 {
     const int zmap = hk || hb;
+    int zread = zmap; /* pass 2 reads z from e (else recomputes x * scale) */
     const fm_ssize nfull = n - n % FM_LANES;
     const int rem = (int)(n - nfull);
     FM_T acc[FM_LANES];
@@ -1012,9 +1035,10 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
             const FM_T z = zmap ? e[i] : src[i] * scale;
             m = FM_MAX(m, z);
         }
+        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, m);
         if (m > FM_NEG_INF) {
             for (i = 0; i < n; i++) {
-                const FM_T z = zmap ? e[i] : src[i] * scale;
+                const FM_T z = zread ? e[i] : src[i] * scale;
                 e[i] = FM_EXP(z - m);
                 s += (double)e[i];
             }
@@ -1046,10 +1070,11 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
         /* Pass 2: e = exp(z - m) (exactly 0 where masked: exp(-inf)), summed in blocks
          * of FM_BLOCK keys while they are in L1; each lane sums at most
          * FM_BLOCK / FM_LANES terms before the block total joins a double. */
+        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, m);
         if (m > FM_NEG_INF) {
             for (start = 0; start < nfull; start += FM_BLOCK) {
                 const fm_ssize end = nfull - start > FM_BLOCK ? start + FM_BLOCK : nfull;
-                if (zmap)
+                if (zread)
                     for (i = start; i < end; i++) e[i] = FM_EXP(e[i] - m);
                 else
                     for (i = start; i < end; i++) e[i] = FM_EXP(src[i] * scale - m);
@@ -1065,7 +1090,7 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
                 i = n - FM_LANES;
                 FM_NO_UNROLL
                 for (l = 0; l < FM_LANES; l++) {
-                    const FM_T z = zmap ? e[i + l] : src[i + l] * scale;
+                    const FM_T z = zread ? e[i + l] : src[i + l] * scale;
                     const FM_T v = FM_EXP(z - m);
                     const int fresh = l >= FM_LANES - rem;
                     e[i + l] = fresh ? v : e[i + l];

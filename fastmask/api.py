@@ -77,7 +77,9 @@ def masked_softmax(
         Unsupported dtypes of ``x``, ``mask`` or ``bias``.
     ValueError
         Shapes that do not broadcast, a bad ``out``, a non-finite ``scale``, an
-        unknown or unable ``backend``.
+        unknown or unable ``backend``; a predicate or score function of ``mask``
+        that raised while it ran (the message names the row and key; the
+        function's own exception is chained).
     fastmask.BackendError
         A backend failed while running the call (never silently retried elsewhere).
 

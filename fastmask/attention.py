@@ -85,7 +85,8 @@ def attention(
         Unsupported or mismatched dtypes, a non-boolean mask array.
     ValueError
         Shapes that do not match or broadcast (including head counts that are not
-        multiples), a non-finite scale, an unknown or unable backend.
+        multiples), a non-finite scale, an unknown or unable backend; a predicate
+        or score function that raised while it ran (the message names the row).
 
     Examples
     --------

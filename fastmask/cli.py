@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         "--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)"
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--check", action="store_true",
+        help="exit with status 1 when a performance target this run decides is missed",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.command == "info":

@@ -148,6 +148,49 @@ def _collect(hook_name: str) -> dict[str, list[Any]]:
     return results
 
 
+def _bad_result(plugin_name: str, hook: str, what: str) -> None:
+    warnings.warn(
+        f"fastmask plugin {plugin_name!r}: {hook}() {what}; continuing without it",
+        PluginWarning,
+        stacklevel=4,
+    )
+
+
+def _backend_list(plugin_name: str, value: Any) -> list[Any]:
+    """The backends a plugin's hook returned; anything that is not one is reported."""
+    from .backends.base import Backend
+
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        _bad_result(plugin_name, "fastmask_backends", f"returned {value!r}, not a list")
+        return []
+    good = []
+    for item in value:
+        if isinstance(item, Backend) and isinstance(getattr(item, "name", None), str):
+            good.append(item)
+        else:
+            _bad_result(plugin_name, "fastmask_backends",
+                        f"returned {item!r}, not a fastmask.Backend with a name")  # fmt: skip
+    return good
+
+
+def _strategy_items(plugin_name: str, value: Any) -> list[tuple[str, Any]]:
+    """The (name, factory) pairs a plugin's hook returned; bad ones are reported."""
+    try:
+        items = list(dict(value).items())
+    except (TypeError, ValueError):
+        _bad_result(plugin_name, "fastmask_mask_strategies",
+                    f"returned {value!r}, not a dict of name: factory")  # fmt: skip
+        return []
+    good = []
+    for name, factory in items:
+        if isinstance(name, str) and callable(factory):
+            good.append((name, factory))
+        else:
+            _bad_result(plugin_name, "fastmask_mask_strategies",
+                        f"returned {name!r}: {factory!r}, not a name and a callable")  # fmt: skip
+    return good
+
+
 def backends() -> dict[str, Any]:
     """Return the registered backends by name (built-ins first, then plugins)."""
     global _backends
@@ -157,7 +200,7 @@ def backends() -> dict[str, Any]:
             found: dict[str, Any] = {}
             collected = _collect("fastmask_backends")
             for plugin_name in collected:  # registration order: built-ins first
-                for backend in collected[plugin_name]:
+                for backend in _backend_list(plugin_name, collected[plugin_name]):
                     if backend.name in found:
                         warnings.warn(
                             f"fastmask plugin {plugin_name!r} registers backend "
@@ -181,7 +224,7 @@ def mask_strategies() -> dict[str, Any]:
             found: dict[str, Any] = {}
             collected = _collect("fastmask_mask_strategies")
             for plugin_name in collected:
-                for name, factory in dict(collected[plugin_name]).items():
+                for name, factory in _strategy_items(plugin_name, collected[plugin_name]):
                     found.setdefault(name, factory)
             _strategies = found
         return _strategies
@@ -193,7 +236,8 @@ def list_plugins() -> list[PluginInfo]:
     by_plugin_b: dict[str, list[str]] = {}
     for name, backend in backends().items():
         by_plugin_b.setdefault(getattr(backend, "_fastmask_plugin", "?"), []).append(name)
-    by_plugin_s = {k: list(v) for k, v in _collect("fastmask_mask_strategies").items()}
+    by_plugin_s = {k: [name for name, _ in _strategy_items(k, v)]
+                   for k, v in _collect("fastmask_mask_strategies").items()}  # fmt: skip
     out = []
     for name, _plugin in manager.list_name_plugin():
         out.append(

@@ -196,6 +196,11 @@ def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
         raise ValueError("out is read-only; pass a writable array (or x itself for in place)")
     if not o.flags.aligned:
         raise ValueError("out is not aligned to its itemsize; pass an aligned array")
+    if _overlaps_itself(o):
+        raise ValueError(
+            "out has elements that share memory (a zero or overlapping stride, e.g. from "
+            "broadcast_to or as_strided); pass a fresh array, e.g. numpy.empty_like(x)"
+        )
     if not np.may_share_memory(o, x):
         return o, False
     same = (
@@ -209,6 +214,34 @@ def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
             "out overlaps x without being x itself; pass out=x for in place, or a separate array"
         )
     return o, False
+
+
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """Whether two elements of ``a`` may share memory: each axis' stride must step over
+    everything the smaller-strided axes span (sufficient; the layouts NumPy makes pass)."""
+    dims = sorted((abs(st), n) for st, n in zip(a.strides, a.shape, strict=True) if n > 1)
+    span = a.itemsize
+    for stride, n in dims:
+        if stride < span:
+            return True
+        span = stride * n
+    return False
+
+
+def check_not_aliased(out: np.ndarray, operand: np.ndarray | None, name: str) -> None:
+    """``out`` must not share memory with an operand the kernels read (the mask, the
+    bias): they would read what they already wrote. Raises ValueError."""
+    if operand is None or not np.may_share_memory(out, operand):
+        return
+    try:
+        overlap = np.shares_memory(out, operand, max_work=10**6)
+    except np.exceptions.TooHardError:
+        overlap = True  # undecided: refuse rather than risk wrong values
+    if overlap:
+        raise ValueError(
+            f"out shares memory with the {name}; the kernels would read values they have "
+            f"already written. Pass a separate out (or copy the {name} first)"
+        )
 
 
 def _fold(a: np.ndarray) -> np.ndarray | None:
@@ -368,6 +401,8 @@ def build_softmax_requests(
         oa = outputs.empty(xa.shape, xa.dtype)
     else:
         oa, inplace = _check_out(out, xa)
+        check_not_aliased(oa, operands[2], "mask")
+        check_not_aliased(oa, operands[3], "bias")
     operands[1] = oa
 
     if ax != nd - 1:

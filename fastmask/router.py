@@ -7,11 +7,14 @@ changes or a backend's cost changes (e.g. once a JIT backend has compiled).
 
 from __future__ import annotations
 
+import numbers
 import threading
+import warnings
 from dataclasses import dataclass
 
 from . import plugins
 from .backends.base import Backend, Verdict
+from .masks.custom import UserFunctionError
 from .request import SoftmaxRequest
 
 __all__ = ["BackendError", "Candidate", "Explanation", "choose", "evaluate", "invalidate"]
@@ -83,15 +86,34 @@ plugins._on_change.append(invalidate)
 
 
 def _verdict(backend: Backend, request: SoftmaxRequest) -> Verdict:
-    if request.op not in backend.ops:
-        return Verdict.no(f"does not implement {request.op}")
-    available, note = backend.status()
+    # A plugin's bug (raising, or returning the wrong kind of object) must not take
+    # routing down: the backend is passed over, with a PluginWarning naming it.
+    try:
+        if request.op not in backend.ops:
+            return Verdict.no(f"does not implement {request.op}")
+        available, note = backend.status()
+    except Exception as exc:
+        return _refused(backend, f"status() failed: {type(exc).__name__}: {exc}")
     if not available:
         return Verdict.no(note or "not available")
     try:
-        return backend.check(request)
-    except Exception as exc:  # a plugin's bug must not take routing down
+        v = backend.check(request)
+    except Exception as exc:
         return Verdict.no(f"check() raised {type(exc).__name__}: {exc}")
+    if not isinstance(v, Verdict) or not isinstance(v.cost, numbers.Real) or v.cost != v.cost:
+        return _refused(backend, f"check() returned {v!r}, not a Verdict with a real cost")
+    return v
+
+
+def _refused(backend: Backend, why: str) -> Verdict:
+    plugin = getattr(backend, "_fastmask_plugin", "?")
+    warnings.warn(
+        f"fastmask plugin {plugin!r}: backend {getattr(backend, 'name', backend)!r} {why}; "
+        "it is passed over",
+        plugins.PluginWarning,
+        stacklevel=4,
+    )
+    return Verdict.no(why)
 
 
 def evaluate(request: SoftmaxRequest) -> list[Candidate]:
@@ -168,9 +190,12 @@ def explain(request: SoftmaxRequest, summary: str, backend: str | None = None) -
 
 
 def run(backend: Backend, request: SoftmaxRequest) -> None:
-    """Run ``request`` on ``backend``; a failure is reported as :class:`BackendError`."""
+    """Run ``request`` on ``backend``; a failure is reported as :class:`BackendError`,
+    except an error of the user's own predicate or score function (``ValueError``)."""
     try:
         getattr(backend, request.op)(request)
+    except UserFunctionError:
+        raise
     except Exception as exc:
         raise BackendError(
             f"backend {backend.name!r} failed on {request.op}: {type(exc).__name__}: {exc}"

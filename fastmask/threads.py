@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 __all__ = [
     "OPENMP_SPIN_COUNT",
@@ -50,13 +51,24 @@ def available_cpus() -> int:
 
 def env_threads(var: str) -> int | None:
     """A thread count from environment variable ``var`` (its first comma-separated
-    field, as OpenMP reads ``OMP_NUM_THREADS``); None when unset or not an int >= 1."""
+    field, as OpenMP reads ``OMP_NUM_THREADS``); None when unset or empty, and None
+    with a ``RuntimeWarning`` naming the variable when it is not an int >= 1."""
     raw = os.environ.get(var, "").split(",")[0].strip()
+    if not raw:
+        return None
     try:
         n = int(raw)
     except ValueError:
-        return None
-    return n if n >= 1 else None
+        n = 0
+    if n >= 1:
+        return n
+    warnings.warn(
+        f"{var}={os.environ[var]!r} is not a thread count (an int >= 1) and is ignored; "
+        f"set it to e.g. {var}=4, or unset it",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
 
 
 def _from_env() -> int | None:
@@ -77,6 +89,18 @@ def set_num_threads(n: int | None) -> None:
         At least 1; or None to go back to the default: ``FASTMASK_NUM_THREADS``,
         else ``OMP_NUM_THREADS``, else the CPUs available to the process (read at
         import, and at each call in a process that has imported Ray).
+
+    Raises
+    ------
+    TypeError
+        ``n`` is not an int.
+    ValueError
+        ``n < 1``.
+
+    Warns
+    -----
+    RuntimeWarning
+        ``n`` is more than the CPUs available to the process (the setting is kept).
     """
     global _num_threads
     if n is None:
@@ -89,6 +113,14 @@ def set_num_threads(n: int | None) -> None:
             raise TypeError(f"set_num_threads() takes an int; got {n!r}") from None
     if n < 1:
         raise ValueError(f"set_num_threads() needs n >= 1; got {n}")
+    if n > _cpus:
+        warnings.warn(
+            f"set_num_threads({n}) on {_cpus} available CPU(s): more threads than CPUs "
+            f"take turns on them, which makes calls slower, not faster; "
+            f"set_num_threads(None) uses the CPUs there are",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _num_threads = n
 
 

@@ -6,9 +6,11 @@ measured, reported and compared the way the docs say.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -239,3 +241,38 @@ def test_pipeline_report_runs_in_a_fresh_process():
 def test_unknown_workload_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown workload 'W99'"):
         bench.run_suite(["W99"], isolate=False)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    args = argparse.Namespace(json=str(missing / "r.json"), plot=str(missing / "r.png"),
+                              threads=0, workload=["tiny"], quick=True, no_progress=True,
+                              check=False)  # fmt: skip
+    started = time.perf_counter()
+    assert runner.run_cli(args) == 2
+    assert time.perf_counter() - started < 5  # nothing was run first
+    err = capsys.readouterr().err
+    assert "--json" in err and "--plot" in err and "does not exist" in err
+    assert "--threads must be >= 1" in err
+    assert not missing.exists()
+
+
+def test_check_exits_1_on_a_missed_target(monkeypatch, capsys):
+    missed = [targets.Target("a made-up target", 0.5, ">= 1x", False)]
+    monkeypatch.setattr(runner, "run_suite", lambda *a, **k: [])
+    monkeypatch.setattr(runner, "format_table", lambda results: "")
+    monkeypatch.setattr(runner, "check_targets", lambda results: missed)
+    args = argparse.Namespace(json=None, plot=None, threads=1, workload=["tiny"], quick=True,
+                              no_progress=True, check=True)  # fmt: skip
+    assert runner.run_cli(args) == 1
+    assert "1 target(s) MISSED" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "check_targets", lambda results: [])
+    assert runner.run_cli(args) == 0
+    args.check = False
+    monkeypatch.setattr(runner, "check_targets", lambda results: missed)
+    assert runner.run_cli(args) == 0  # without --check: a report, not a verdict
+
+
+def test_peer_ratios_below_one_read_as_slower():
+    assert runner._relative(3.14) == "3.1x faster"
+    assert runner._relative(0.2) == "5.0x slower"

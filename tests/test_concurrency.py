@@ -262,6 +262,7 @@ def test_calling_fastmask_inside_a_numba_prange_is_a_compile_error():
     assert_matches_reference(fm.masked_softmax(x, backend="numba"), x)
 
 
+@pytest.mark.filterwarnings("ignore:set_num_threads.*available CPU")  # 3 on 2 CPUs: meant
 def test_set_num_threads_while_other_threads_call():
     """Workers of a ThreadPoolExecutor change the process-wide count as they go: no harm."""
     names = [n for n in COMPILED if fm.plugins.backends()[n].status()[0]]

@@ -299,3 +299,25 @@ def test_unaligned_input_and_bias(backend, rng):
     bias = np.frombuffer(buf.data, np.float32, count=17, offset=1)
     y = fm.masked_softmax(x, bias=bias, backend=backend)
     assert_matches_reference(y, x, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("n", [2, 17, 300])  # short rows, vector rows with a tail
+@pytest.mark.parametrize("scale", [None, 0.5, 1 / np.sqrt(96), 1e-30])
+@pytest.mark.parametrize("peak", [2e2, 1e5, 1e9, 1e20, 1e38])
+def test_finite_logits_of_any_magnitude_give_finite_weights(backend, dtype, n, scale, peak):
+    """Regression: x = [0, ..., 1e20] with scale 1/sqrt(96) was a NaN row (cython,
+    float64) or a ZeroDivisionError (numba): x*scale - max fused into one rounding
+    is off by the max's own rounding error, ~1e12 there, beyond exp's range."""
+    if peak > float(np.finfo(dtype).max):
+        pytest.skip("not finite in this dtype")
+    x = np.zeros((3, n))
+    x[0, -1] = peak
+    x[1, 0] = peak
+    x[2, :] = peak * np.linspace(0.5, 1.0, n)  # every kept logit large
+    x = x.astype(dtype)
+    for mask in (None, masks.padding(np.array([max(n - 1, 1)]))):
+        y = fm.masked_softmax(x, mask, scale=scale, backend=backend)
+        assert np.isfinite(y).all()
+        keep = None if mask is None else mask.to_dense(x.shape)
+        assert_matches_reference(y, x, keep=keep, scale=scale)

@@ -151,6 +151,45 @@ def test_hook_that_raises_warns_and_others_go_on():
         fm.plugins.unregister(plugin)
 
 
+@pytest.mark.parametrize("returned", ["abc", 42, [42], [None], {"x": 1}])
+def test_hook_returning_the_wrong_kind_of_object_warns_and_is_skipped(returned):
+    class Odd:
+        @fm.hookimpl
+        def fastmask_backends(self):
+            return returned
+
+        @fm.hookimpl
+        def fastmask_mask_strategies(self):
+            return returned
+
+    plugin = Odd()
+    fm.plugins.register(plugin, name="odd-hook")
+    try:
+        with pytest.warns(PluginWarning, match="odd-hook.*fastmask_backends"):
+            names = list(fm.plugins.backends())
+        assert {"numpy", "numba", "cython"} <= set(names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)
+            fm.plugins.mask_strategies()
+            fm.plugins.list_plugins()
+        y = fm.masked_softmax(X)  # routing is not taken down
+        np.testing.assert_allclose(y, fm.masked_softmax(X, backend="numpy"), rtol=1e-6)
+    finally:
+        fm.plugins.unregister(plugin)
+
+
+@pytest.mark.parametrize("verdict", ["ok", None, 3.0, fm.Verdict(True, "", float("nan"))])
+def test_check_returning_something_else_than_a_verdict_warns_and_is_passed_over(toy, verdict):
+    backend = toy(cost=1e-9)
+    backend.check = lambda request: verdict
+    with pytest.warns(PluginWarning, match="toy.*check\\(\\) returned"):
+        exp = fm.explain(X)
+    assert exp.chosen != "toy"
+    with pytest.warns(PluginWarning):  # each routing decision says it again
+        y = fm.masked_softmax(X)
+    np.testing.assert_allclose(y, fm.masked_softmax(X, backend="numpy"), rtol=1e-6)
+
+
 def test_explain_lists_every_candidate():
     exp = fm.explain(X, fm.masks.padding([3, 8]))
     names = [c.name for c in exp.candidates]
@@ -179,8 +218,21 @@ def test_threads_setting():
             fm.set_num_threads(1.5)
         fm.set_num_threads(np.int64(2))
         assert fm.get_num_threads() == 2
+        many = fm.threads.available_cpus() + 1
+        with pytest.warns(RuntimeWarning, match=f"set_num_threads\\({many}\\) on .* CPU"):
+            fm.set_num_threads(many)
+        assert fm.get_num_threads() == many  # kept: oversubscribing may be meant
     finally:
         fm.set_num_threads(old)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "2.5"])
+def test_thread_count_variable_that_is_not_a_count_warns(monkeypatch, value):
+    monkeypatch.setenv("FASTMASK_NUM_THREADS", value)
+    with pytest.warns(RuntimeWarning, match=f"FASTMASK_NUM_THREADS='{value}' is not a thread"):
+        assert fm.threads.env_threads("FASTMASK_NUM_THREADS") is None
+    monkeypatch.setenv("FASTMASK_NUM_THREADS", "")
+    assert fm.threads.env_threads("FASTMASK_NUM_THREADS") is None  # empty: unset, quietly
 
 
 def test_thread_count_from_environment():

@@ -136,3 +136,46 @@ def test_list_input_accepted():
 def test_keep_and_drop_reject_non_numeric():
     with pytest.raises(TypeError, match="boolean or numeric"):
         masks.keep(np.array(["a", "b"]))
+
+
+@pytest.mark.parametrize("other", [np.ones((4, 4), bool), [[True, False]], np.zeros(4)])
+def test_strategy_and_array_says_to_wrap_the_array(other):
+    for combine in (lambda: fm.masks.causal() & other, lambda: other & fm.masks.causal()):
+        with pytest.raises(TypeError, match=r"masks\.keep\(a\).*masks\.drop\(a\)"):
+            combine()
+    both = fm.masks.causal() & fm.masks.keep(np.ones((4, 4), bool))
+    np.testing.assert_array_equal(both.to_dense((4, 4)), np.tril(np.ones((4, 4), bool)))
+
+
+def test_out_aliasing_an_operand_is_a_value_error_on_every_backend(backend):
+    """Checked before any kernel runs: cython raised BackendError and numba returned
+    wrong values when out was the bias, or shared the mask's memory."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 8))
+    bias = rng.standard_normal((4, 8))
+    with pytest.raises(ValueError, match="out shares memory with the bias"):
+        fm.masked_softmax(x, bias=bias, out=bias, backend=backend)
+    with pytest.raises(ValueError, match="out shares memory with the bias"):
+        fm.masked_softmax(x, bias=bias[0], out=bias, backend=backend)  # broadcast bias row
+    raw = np.ones(4 * 8 * 8, np.uint8)
+    keep = raw.view(bool).reshape(4, 64)[:, :8]
+    out = raw.view(np.float64).reshape(4, 8)  # the same bytes as the keep mask
+    with pytest.raises(ValueError, match="out shares memory with the mask"):
+        fm.masked_softmax(x, masks.keep(keep), out=out, backend=backend)
+    overlapping = np.lib.stride_tricks.as_strided(np.zeros(40), (4, 8), (8 * 4, 8))
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        fm.masked_softmax(x, out=overlapping, backend=backend)
+    y = fm.masked_softmax(x, bias=bias, out=np.empty_like(x), backend=backend)  # fine
+    np.testing.assert_allclose(y, fm.masked_softmax(x, bias=bias, backend="numpy"))
+
+
+def test_uint64_values_beyond_int64_never_wrap(backend):
+    """Regression: lengths >= 2**63 wrapped negative and gave wrong masks silently."""
+    big = np.array([2**63, 1], np.uint64)
+    with pytest.raises(ValueError, match=r"padding lengths above .*2\*\*63"):
+        masks.padding(big)
+    with pytest.raises(ValueError, match=r"segments q_ids above .*renumber"):
+        masks.segments(big)
+    x = np.zeros((2, 1, 4))
+    y = fm.masked_softmax(x, masks.prefix_lm(big), backend=backend)  # past the row: all kept
+    np.testing.assert_allclose(y, [[[0.25] * 4], [[1.0, 0, 0, 0]]])

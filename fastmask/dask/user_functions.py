@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..masks.base import canonical_dims
+from ..masks.custom import UserFunctionError
 
 __all__ = ["Offsets", "Shipped", "offsets", "predicate_block", "score_block"]
 
@@ -69,11 +70,11 @@ class Shipped:
             try:
                 py(0.0, b, h, q, k) if score else py(b, h, q, k)
             except Exception as exc:
-                raise ValueError(
+                raise UserFunctionError(
                     f"{self.kind} {self.name!r} raised {type(exc).__name__} at "
                     f"({where}, k_idx={k}): {exc}"
                 ) from exc
-        raise ValueError(
+        raise UserFunctionError(
             f"{self.kind} {self.name!r} raised an exception in its compiled code on the row "
             f"({where})"
         )

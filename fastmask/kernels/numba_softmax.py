@@ -255,11 +255,30 @@ def _pass2(xp, kp, bp, ep, n, sc, m, hk, hb):
             _store_c(ep, j, _exp_c(_load_c(xp, j) * sc - m))
 
 
+def _fused_max(bp):
+    """2**24 (float32) or 2**53 (float64): where ``x*sc - m``, fused into one
+    rounding, can be off by 1 or more (see :func:`_row_core`)."""
+    f24 = _cval(bp, 16777216.0)
+    return f24 if _cval(bp, 16777217.0) == f24 else _cval(bp, 9007199254740992.0)
+
+
+def _stage_z(xp, dp, n, sc):
+    """dp[j] = x[j] * sc, rounded (``dp`` may be ``xp``)."""
+    for j in range(n):
+        _store_c(dp, j, _load_c(xp, j) * sc)
+
+
 def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
     """Passes 1 and 2 of one row's kept range (``ep`` None: in place in ``xp``).
 
     Returns ``(code, inv)``: code 0 = ``ep`` holds the unnormalised weights and
     ``inv`` is 1/sum; 1 = the row is all zeros; 2 = the row is all NaN.
+
+    Without a bias, pass 2's ``x*sc - m`` is contracted into one rounding: off from
+    the rounded z by m's own rounding error, a shift that cancels in the
+    normalisation while it is small. Rows with |m| >= :func:`_fused_max` round z
+    first, as the C kernel does (float32 1e20 * 0.1 is otherwise off by ~1e12,
+    and exp gives inf or 0).
     """
     m = _pass1(xp, kp, bp, n, sc, hk, hb)
     one = _cval(bp, 1.0)
@@ -267,6 +286,15 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
         return 2, one
     if m == -np.inf:
         return 1, one
+    if not hb and not abs(m) < _fused_max(bp):
+        dp = _dest(xp, ep)
+        _stage_z(xp, dp, n, sc)
+        return _row_exp(dp, kp, bp, None, n, one, m, hk, hb)
+    return _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb)
+
+
+def _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb):
+    """Pass 2 of :func:`_row_core` by blocks, and the sum: ``(0, 1/sum)``."""
     s = 0.0
     for j0 in range(0, n, _BLOCK):
         nb = min(n - j0, _BLOCK)
@@ -646,7 +674,10 @@ _JIT_LOOP = (
     "_fill",
     "_pass1",
     "_pass2",
+    "_fused_max",
+    "_stage_z",
     "_row_core",
+    "_row_exp",
     "_scale_inplace",
     "_scale_store",
     "_gather",

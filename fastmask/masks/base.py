@@ -134,15 +134,29 @@ class MaskStrategy:
         """Hashable description of the strategy's kind (not its data), for routing."""
         return type(self).__name__
 
+    # NumPy defers ``array & strategy`` to __rand__ instead of looping over the array.
+    __array_ufunc__ = None
+
     def __and__(self, other: object) -> MaskStrategy:
         if not isinstance(other, MaskStrategy):
-            return NotImplemented
+            return _not_a_strategy(self, other)
         return AllOf((self, other))
 
     def __rand__(self, other: object) -> MaskStrategy:
         if not isinstance(other, MaskStrategy):
-            return NotImplemented
+            return _not_a_strategy(self, other)
         return AllOf((other, self))
+
+
+def _not_a_strategy(strategy: MaskStrategy, other: object):
+    """``strategy & other`` for a non-strategy: arrays get a hint, the rest NotImplemented."""
+    if not hasattr(other, "__array__") and not isinstance(other, (list, tuple, bool, int)):
+        return NotImplemented
+    raise TypeError(
+        f"a mask strategy combines with strategies only, not {type(other).__name__}: wrap "
+        "the array to say what it means, masks.keep(a) (True = attend) or masks.drop(a) "
+        f"(True = masked out), e.g. {strategy!r} & masks.keep(a)"
+    )
 
 
 class AllOf(MaskStrategy):

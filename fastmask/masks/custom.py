@@ -59,6 +59,7 @@ from .base import MaskPlan, MaskStrategy, canonical_dims
 __all__ = [
     "Predicate",
     "ScoreFunction",
+    "UserFunctionError",
     "all_predicates",
     "compose_scores",
     "grids_ready",
@@ -68,6 +69,15 @@ __all__ = [
     "runs_user_code",
     "score",
 ]
+
+
+class UserFunctionError(ValueError):
+    """A user predicate or score function raised while a kernel ran it.
+
+    Raised as is, not as a ``BackendError``: the bug is in the function, and
+    every backend reports it the same way (the original exception is chained).
+    """
+
 
 _tokens = itertools.count(1)
 _lock = threading.RLock()
@@ -188,11 +198,11 @@ class _UserFunction(MaskStrategy):
         found = self.python_error(b, h, q, n)
         if found is not None:
             k, exc = found
-            raise ValueError(
+            raise UserFunctionError(
                 f"{self.kind} {self.name!r} raised {type(exc).__name__} at "
                 f"({where}, k_idx={k}): {exc}"
             ) from exc
-        raise ValueError(
+        raise UserFunctionError(
             f"{self.kind} {self.name!r} raised an exception in its compiled code on the row "
             f"({where}); it does not raise when run in Python, so the message is not known"
         )

@@ -20,8 +20,21 @@ def _as_int(value: object, what: str) -> int:
         raise TypeError(f"{what} must be an integer; got {value!r}") from None
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    """A read-only int64 copy: strategies never change after construction."""
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _frozen(a: np.ndarray, what: str, clip: bool = False, hint: str = "") -> np.ndarray:
+    """A read-only int64 copy: strategies never change after construction.
+
+    Unsigned values beyond int64 would wrap negative: ``clip`` (lengths for which any
+    value past the row means the same) clips them, otherwise they are refused.
+    """
+    if a.dtype.kind == "u" and a.size and a.max() > _INT64_MAX:
+        if not clip:
+            raise ValueError(
+                f"{what} above {_INT64_MAX} (2**63 - 1) do not fit int64; got {a.max()}{hint}"
+            )
+        a = np.minimum(a, np.uint64(_INT64_MAX))
     out = a.astype(np.int64)
     out.flags.writeable = False
     return out
@@ -44,7 +57,7 @@ class Padding(MaskStrategy):
             raise ValueError(f"padding lengths must be a scalar or 1-D; got shape {a.shape}")
         if a.size and a.min() < 0:
             raise ValueError(f"padding lengths must be >= 0; got {a.min()}")
-        self.lengths = _frozen(a)
+        self.lengths = _frozen(a, "padding lengths")
         self.side = side
 
     def plan(self, shape: tuple[int, ...]) -> MaskPlan:

@@ -60,7 +60,7 @@ class PrefixLM(MaskStrategy):
             raise ValueError(f"prefix_lm lengths must be a scalar or 1-D; got shape {a.shape}")
         if a.size and a.min() < 0:
             raise ValueError(f"prefix_lm lengths must be >= 0; got {a.min()}")
-        self.prefix = _frozen(a)
+        self.prefix = _frozen(a, "prefix_lm lengths", clip=True)  # past the row: all
 
     def _prefix(self, b: int) -> np.ndarray:
         if self.prefix.ndim == 1 and self.prefix.shape[0] != b:
@@ -92,7 +92,10 @@ def _ids(a: object, what: str) -> np.ndarray:
         raise TypeError(f"segments {what} must be integers; got dtype {ids.dtype}")
     if ids.ndim not in (1, 2):
         raise ValueError(f"segments {what} must be 1-D (L,) or 2-D (B, L); got shape {ids.shape}")
-    return _frozen(ids.reshape(-1, ids.shape[-1]))
+    return _frozen(
+        ids.reshape(-1, ids.shape[-1]), f"segments {what}",
+        hint="; renumber them, e.g. numpy.unique(ids, return_inverse=True)[1]",
+    )  # fmt: skip
 
 
 class Segments(MaskStrategy):
