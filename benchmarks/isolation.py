@@ -27,6 +27,17 @@ def is_peer(name: str) -> bool:
     return name.startswith(PEER_PREFIXES)
 
 
+def python_child(code: str) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of a child Python that imports what this process
+    imported: this process's ``sys.path`` (absolute) as ``PYTHONPATH``, and not the
+    current directory first, as ``python -c`` would put it: run from a source checkout,
+    that would import the checkout's uncompiled ``fastmask`` instead of the installed one."""
+    path = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
+    return [sys.executable, "-c", "import sys; del sys.path[0]\n" + code], dict(
+        os.environ, PYTHONPATH=path
+    )
+
+
 class PeerProcess:
     """One child interpreter that times peers on request; use as a context manager.
 
@@ -49,11 +60,10 @@ class PeerProcess:
         from .runner import Result
 
         if self._proc is None:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            argv, env = python_child(f"from {__name__} import _serve; _serve()")
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", f"from {__name__} import _serve; _serve()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-            )  # fmt: skip
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            )
             self._line(_READY)
         assert self._proc.stdin is not None
         request = {"workload": workload, "threads": threads, "quick": quick}

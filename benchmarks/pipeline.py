@@ -16,10 +16,8 @@ depend on what it ran before), at the same thread count for every library.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -27,6 +25,7 @@ import numpy as np
 
 import fastmask as fm
 
+from .isolation import python_child
 from .targets import Target
 from .workloads import WORKLOADS
 
@@ -274,10 +273,9 @@ def report(threads: int, quick: bool, progress, small: bool = False) -> list:
     samples = w.quick_repeats if quick else w.repeats
     settle = 0.0 if small else SETTLE  # small: the tests' shapes, where only the rows matter
     code = f"from {__name__} import _child; _child({threads}, {samples}, {small}, {settle})"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    argv, env = python_child(code)
     results = []
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                          env=env) as proc:  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(_TAG):

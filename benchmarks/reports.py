@@ -10,7 +10,6 @@ import contextlib
 import json
 import statistics
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,11 +17,12 @@ import numpy as np
 
 import fastmask as fm
 
+from .isolation import python_child
+
 
 def _python(code: str, timeout: float = 300) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
-    )
+    argv, env = python_child(code)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{out.stderr[-2000:]}")
     return out.stdout

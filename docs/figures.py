@@ -107,8 +107,11 @@ def minus_1e9(out: Path) -> None:
         ax.tick_params(labelsize=7)
         ax.set_title(["keys 2, 3 masked", "every key masked"][row], fontsize=9)
     axes[0].set_ylabel("attention weight")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    # Below the panels, not over the bars (which reach the top of the axes).
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels),
+               frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out / "minus_1e9.png", dpi=90)
     plt.close(fig)
 

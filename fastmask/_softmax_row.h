@@ -413,6 +413,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #define FM_LANES FM_LANES_F32
 #define FM_NEG_INF (-HUGE_VALF)
 #define FM_Z_FUSED_MAX 16777216.0f /* 2^24: below it the fused rounding error is < 1 */
+#define FM_Z_OFFSET_MAX 1073741824.0f /* 2^30: m's rounding error <= 32, exp's range holds */
 #define FM_NAN_BITS uint32_t
 #define FM_NAN_PATTERN 0x7fc00000u
 #include "_softmax_row.h"
@@ -422,6 +423,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #undef FM_LANES
 #undef FM_NEG_INF
 #undef FM_Z_FUSED_MAX
+#undef FM_Z_OFFSET_MAX
 #undef FM_NAN_BITS
 #undef FM_NAN_PATTERN
 
@@ -431,6 +433,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #define FM_LANES FM_LANES_F64
 #define FM_NEG_INF (-HUGE_VAL)
 #define FM_Z_FUSED_MAX 9007199254740992.0 /* 2^53 */
+#define FM_Z_OFFSET_MAX 576460752303423488.0 /* 2^59 */
 #define FM_NAN_BITS uint64_t
 #define FM_NAN_PATTERN 0x7ff8000000000000ull
 #include "_softmax_row.h"
@@ -440,6 +443,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #undef FM_LANES
 #undef FM_NEG_INF
 #undef FM_Z_FUSED_MAX
+#undef FM_Z_OFFSET_MAX
 #undef FM_NAN_BITS
 #undef FM_NAN_PATTERN
 
@@ -984,6 +988,22 @@ FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, FM_T scale, fm_ssize n, FM_
 }
 
 /*
+ * exp(z - m) of a key with a bias, from x and the bias rather than the rounded z:
+ * (bias - m) first, whose rounding error is relative to that difference, then x * scale
+ * added in one rounding. Rounding z = x * scale + bias first loses what the bias'
+ * magnitude hides (a row whose every key carries -1e9, as TensorFlow masks a padding
+ * row, has z all equal in float32: uniform weights instead of softmax(x)). m is the
+ * max of the rounded z, so every argument shares its rounding error, which cancels in
+ * the normalisation (|m| < FM_Z_OFFSET_MAX keeps it within 32, exp's range and the
+ * sum's hold). Masked keys (z = -inf) stay exactly 0.
+ */
+FM_INLINE FM_T FM_FN(fm_exp_offset)(FM_T x, FM_T scale, FM_T b, FM_T m, FM_T z)
+{
+    const FM_T v = FM_EXP(x * scale + (b - m));
+    return z == FM_NEG_INF ? (FM_T)0 : v; /* a kept NaN stays NaN */
+}
+
+/*
  * Passes 1 and 2 over a contiguous span of n >= 1 keys of src (with keep / bias rows,
  * or NULL). On FM_ROW_OK, e[0, n) holds exp(z - m) and *inv = 1 / sum(e); otherwise
  * the whole row (the caller's job) must be zeros (FM_ROW_ZERO) or NaN (FM_ROW_NAN).
@@ -1037,9 +1057,11 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
         }
         zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, m);
         if (m > FM_NEG_INF) {
+            const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (i = 0; i < n; i++) {
                 const FM_T z = zread ? e[i] : src[i] * scale;
-                e[i] = FM_EXP(z - m);
+                e[i] = offset ? FM_FN(fm_exp_offset)(src[i], scale, bias[i], m, z)
+                              : FM_EXP(z - m);
                 s += (double)e[i];
             }
         }
@@ -1072,9 +1094,13 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
          * FM_BLOCK / FM_LANES terms before the block total joins a double. */
         zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, m);
         if (m > FM_NEG_INF) {
+            const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (start = 0; start < nfull; start += FM_BLOCK) {
                 const fm_ssize end = nfull - start > FM_BLOCK ? start + FM_BLOCK : nfull;
-                if (zread)
+                if (offset)
+                    for (i = start; i < end; i++)
+                        e[i] = FM_FN(fm_exp_offset)(src[i], scale, bias[i], m, e[i]);
+                else if (zread)
                     for (i = start; i < end; i++) e[i] = FM_EXP(e[i] - m);
                 else
                     for (i = start; i < end; i++) e[i] = FM_EXP(src[i] * scale - m);
@@ -1091,7 +1117,9 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
                 FM_NO_UNROLL
                 for (l = 0; l < FM_LANES; l++) {
                     const FM_T z = zread ? e[i + l] : src[i + l] * scale;
-                    const FM_T v = FM_EXP(z - m);
+                    const FM_T v = offset ? FM_FN(fm_exp_offset)(src[i + l], scale,
+                                                                 bias[i + l], m, z)
+                                          : FM_EXP(z - m);
                     const int fresh = l >= FM_LANES - rem;
                     e[i + l] = fresh ? v : e[i + l];
                     acc[l] = fresh ? v : 0;

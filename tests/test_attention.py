@@ -507,3 +507,19 @@ def test_concurrent_calls(backend):
         got = list(pool.map(lambda c: fm.attention(*c, mask, backend=backend), cases * 3))
     for i, g in enumerate(got):
         np.testing.assert_array_equal(g, expected[i % 4])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("mask", [None, "padding", "causal"])
+def test_returned_weights_of_a_nan_row_are_nan_at_every_key(backend, dtype, mask):
+    """Regression: a row with a NaN kept score was NaN only in its tile's key span."""
+    rng = np.random.default_rng(41)
+    q, k, v = (rng.standard_normal((2, 3, 5, 8)).astype(dtype) for _ in range(3))
+    k[0, 1, 2, 0] = np.nan  # every query row that keeps key 2 of (b=0, h=1) is NaN
+    strategy = {None: None, "padding": fm.masks.padding([4, 5]), "causal": fm.masks.causal()}
+    out, w = fm.attention(q, k, v, strategy[mask], return_weights=True, backend=backend)
+    scores = (q.astype(np.float64) @ np.swapaxes(k, -1, -2)).astype(dtype)
+    ref = fm.masked_softmax(scores, strategy[mask], scale=1 / np.sqrt(8), backend="numpy")
+    np.testing.assert_array_equal(np.isnan(w), np.isnan(ref))
+    assert np.isnan(w[0, 1]).any() and not np.isnan(w[1]).any()
+    np.testing.assert_array_equal(np.isnan(out).all(-1), np.isnan(ref).all(-1))

@@ -201,6 +201,14 @@ def test_other_axis_with_dense_mask(chunks):
     ref = fm.masked_softmax(x, keep, axis=2)
     y = fmd.masked_softmax(da.from_array(x, chunks=chunks), keep, axis=2)
     _check(y.compute(scheduler="sync"), ref)
+    # Regression: masks.keep / masks.drop with axis != -1 were refused ("does not
+    # broadcast") where the in-memory call accepts them.
+    full = np.random.default_rng(6).random(x.shape) > 0.3
+    both = fm.masks.keep(keep) & fm.masks.keep(full[:1])
+    for mask in (fm.masks.keep(keep), fm.masks.drop(full), both):
+        ref = fm.masked_softmax(x, mask, axis=2)
+        y = fmd.masked_softmax(da.from_array(x, chunks=chunks), mask, axis=2)
+        _check(y.compute(scheduler="sync"), ref)
 
 
 def test_errors_are_raised_when_the_graph_is_built():

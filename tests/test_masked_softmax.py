@@ -321,3 +321,26 @@ def test_finite_logits_of_any_magnitude_give_finite_weights(backend, dtype, n, s
         assert np.isfinite(y).all()
         keep = None if mask is None else mask.to_dense(x.shape)
         assert_matches_reference(y, x, keep=keep, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("n", [5, 17, 300])
+@pytest.mark.parametrize("offset", [-1e9, -1e6, -1e3, 1e3, 1e9])
+def test_a_bias_shared_by_the_whole_row_is_not_rounded_away(backend, dtype, n, offset):
+    """Regression: TensorFlow masks a padding row with -1e9 on every key; in float32,
+    x + bias rounded first made such rows uniform (the float64 reference: softmax(x))."""
+    if abs(offset) > float(np.finfo(dtype).max):
+        pytest.skip("not finite in this dtype")
+    if dtype == np.float64 and abs(offset) > 1e3:
+        # The float64 reference rounds x + bias itself (|offset| * 2**-53 per logit):
+        # beyond this it is no oracle at float64's 1e-12 tolerance.
+        pytest.skip("the float64 reference's own rounding exceeds its tolerance")
+    rng = np.random.default_rng(17)
+    x = logits(rng, (4, n), dtype)
+    bias = np.full((4, n), offset, dtype)
+    bias[1] = 0  # rows without the offset alongside
+    keep = rng.random((4, n)) < 0.7
+    keep[:, 0] = True
+    for k in (None, keep):
+        y = fm.masked_softmax(x, k, bias=bias, backend=backend)
+        assert_matches_reference(y, x, keep=k, bias=bias)

@@ -9,11 +9,13 @@ one parallel region, no BLAS); with ``return_weights=True`` the shared tiled dri
 from __future__ import annotations
 
 import os
+import warnings
 
 from ..hookspecs import hookimpl
 from ..kernels import fused_attention, tiled_attention
 from ..masks.custom import runs_user_code
 from ..threads import openmp_spin_default, threads_for
+from ._checkout import source_checkout_message
 from .base import Backend, Verdict
 
 try:
@@ -21,9 +23,11 @@ try:
         from .. import _kernels
 except ImportError as exc:  # built without a compiler, or a broken build
     _kernels = None
-    _IMPORT_ERROR = (
+    _IMPORT_ERROR = source_checkout_message() or (
         f"compiled extension fastmask._kernels is missing ({exc}); reinstall with a C compiler"
     )
+    if source_checkout_message():
+        warnings.warn(_IMPORT_ERROR, RuntimeWarning, stacklevel=2)
 else:
     _IMPORT_ERROR = ""
     # GNU OpenMP is not fork-safe. Before a fork the OpenMP pool is released when no

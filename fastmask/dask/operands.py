@@ -18,6 +18,7 @@ import numpy as np
 
 from ..masks import MaskStrategy
 from ..masks.base import AllOf
+from ..masks.dense import DenseMask
 from ..request import (
     BIAS_HINT,
     FLOAT_DTYPES,
@@ -96,11 +97,14 @@ def split_mask(mask: Any) -> tuple[MaskStrategy | None, list[Any]]:
     """``(strategy evaluated on the client, dense keep arrays read per block)``."""
     if mask is None:
         return None, []
-    if isinstance(mask, LazyDense):
+    # Dense masks (lazy or in memory) are operands read per block, so that they move
+    # with the logits when the softmax axis is not the last one, as in memory.
+    dense_kinds = (LazyDense, DenseMask)
+    if isinstance(mask, dense_kinds):
         return None, [mask.array]
     if isinstance(mask, AllOf):
-        lazy = [p.array for p in mask.parts if isinstance(p, LazyDense)]
-        rest = [p for p in mask.parts if not isinstance(p, LazyDense)]
+        lazy = [p.array for p in mask.parts if isinstance(p, dense_kinds)]
+        rest = [p for p in mask.parts if not isinstance(p, dense_kinds)]
         if not lazy:
             return mask, []
         strategy = None if not rest else rest[0] if len(rest) == 1 else AllOf(tuple(rest))

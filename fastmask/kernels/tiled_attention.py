@@ -304,6 +304,12 @@ def run(
                     if w4 is not None:
                         w4[b : b + 1, h0:h1, i0:i1, k0:k1] = s4
                     p5 = s5
+                if w4 is not None:
+                    # A NaN row is NaN at every key, as in masked_softmax, not only in
+                    # the tile's key span (the softmax made the whole span NaN).
+                    nan_rows = np.isnan(s4[0, :, :, 0] if not weights_direct else w[0, :, :, 0])
+                    if nan_rows.any():
+                        w4[b, h0:h1, i0:i1][nan_rows] = np.nan
                 o5 = _split_heads(out4[b, h0:h1, i0:i1], nkv, g)
                 if half_out:
                     t5 = obuf[: nh * m * dv].reshape(nkv, g, m, dv)  # type: ignore[index]

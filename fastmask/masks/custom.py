@@ -87,6 +87,32 @@ MAX_COMBINED = 256
 _combined: dict[tuple, Any] = {}
 
 
+#: Bound on the compiled row functions shared between strategies built from the same
+#: function (the same code, closure values, defaults and globals it reads).
+MAX_SHARED_ROWS = 512
+_shared_rows: dict[tuple, Any] = {}
+
+
+def _code_key(fn: Callable) -> tuple | None:
+    """What Numba compiles into a function's machine code: its code, closure values,
+    defaults and the globals it names (Numba freezes globals at compile time). Two
+    functions with equal keys compile to the same code, so a service that wraps the
+    same function in a new ``predicate(...)`` per request compiles it once (Numba's
+    machine code is never freed). None when some value cannot be a dict key: that
+    function is compiled for its own strategies only."""
+    try:
+        code = fn.__code__
+        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+        glb = fn.__globals__
+        names = tuple((n, glb[n]) for n in code.co_names if n in glb)
+        kwdefaults = tuple(sorted((fn.__kwdefaults__ or {}).items()))
+        key = (code, cells, fn.__defaults__, kwdefaults, names)
+        hash(key)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return key
+
+
 def _is_dispatcher(fn: object) -> bool:
     return hasattr(fn, "py_func") and hasattr(fn, "nopython_signatures")
 
@@ -117,12 +143,14 @@ class _UserFunction(MaskStrategy):
         self.name = name or _function_name(self.fn)
         self._token = next(_tokens)
         self._rows: dict[str, Any] = {}  # compute dtype char -> compiled row function
+        self._code_key = _code_key(self.fn)
         if check:
             self._check_in_python()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_rows"] = {}  # machine code: compiled again where it is unpickled
+        state["_code_key"] = None  # code objects do not pickle: made again there
         if not self._given_dispatcher:
             state["_dispatcher"] = None
         return state
@@ -130,6 +158,7 @@ class _UserFunction(MaskStrategy):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._token = next(_tokens)  # tokens identify objects within one process
+        self._code_key = _code_key(self.fn)
 
     def _check_in_python(self) -> None:
         raise NotImplementedError
@@ -159,6 +188,9 @@ class _UserFunction(MaskStrategy):
         if row is None:
             with _lock:
                 row = self._rows.get(slot)
+                shared = None if self._code_key is None else (type(self), self._code_key, slot)
+                if row is None and shared is not None:
+                    row = _shared_rows.get(shared)
                 if row is None:
                     from ..kernels.numba_softmax import ReturnTypeError
 
@@ -168,7 +200,11 @@ class _UserFunction(MaskStrategy):
                         raise TypeError(f"{self.kind} {self.name!r} {exc}") from exc
                     except Exception as exc:
                         raise self._compile_error(exc) from exc
-                    self._rows[slot] = row
+                    if shared is not None:
+                        if len(_shared_rows) >= MAX_SHARED_ROWS:
+                            del _shared_rows[next(iter(_shared_rows))]  # the oldest
+                        _shared_rows[shared] = row
+                self._rows[slot] = row
         return row.address
 
     def _compile_error(self, exc: BaseException) -> TypeError:
@@ -331,9 +367,10 @@ def predicate(fn: Callable, *, name: str | None = None) -> Predicate:
 
     Usable as a decorator. The function is compiled with Numba (nopython mode)
     on the first call that uses it, once, and fused into the ``numba``
-    backend's kernel: no Python call per element. Compiled code belongs to
-    the returned object: make it once and reuse it, rather than calling
-    ``predicate(...)`` anew for every call (each new object compiles again).
+    backend's kernel: no Python call per element. Strategies made from the
+    same function (the same code, closure values, defaults and the globals it
+    names) share the compiled code, so ``predicate(f)`` anew for every request
+    compiles once; a new closure value is new code (Numba freezes it in).
 
     Parameters
     ----------
