@@ -725,7 +725,8 @@ static FM_TARGET_AVX512 void fm_row_f32_avx512_short(FM_ROW_PARAMS)
         acc = _mm512_max_ps(z[v], acc); /* a NaN in z[v] yields acc: ignored, as FM_MAX */
     }
     m = _mm512_reduce_max_ps(acc);
-    if (!(m > -HUGE_VALF) || !(m < HUGE_VALF)) {
+    /* Nothing kept, a kept +-inf or NaN, or |m| >= 2^24 (fm_z_to_memory): the general row */
+    if (!(m > -16777216.0f) || !(m < 16777216.0f)) {
         fm_row_f32_avx512(FM_ROW_ARGS);
         return;
     }
@@ -779,7 +780,9 @@ static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, cons
     }
     m0 = _mm512_reduce_max_ps(acc0);
     m1 = _mm512_reduce_max_ps(acc1);
-    if (!(m0 > -HUGE_VALF) || !(m0 < HUGE_VALF) || !(m1 > -HUGE_VALF) || !(m1 < HUGE_VALF)) goto one_by_one;
+    if (!(m0 > -16777216.0f) || !(m0 < 16777216.0f) || !(m1 > -16777216.0f) ||
+        !(m1 < 16777216.0f))
+        goto one_by_one; /* as in fm_row_f32_avx512_short */
     for (v = 0; v < 4; v++) {
         z0[v] = fm_exp16_f32(_mm512_sub_ps(z0[v], _mm512_set1_ps(m0)));
         z1[v] = fm_exp16_f32(_mm512_sub_ps(z1[v], _mm512_set1_ps(m1)));
@@ -975,15 +978,27 @@ FM_INLINE double FM_FN(fm_reduce_sum)(FM_T *acc)
  * max's own rounding error, a shift that cancels in the normalisation while it is
  * small. Once |m| reaches 2^(mantissa bits) that error can exceed the range of exp
  * (float32 1e20 * 0.1 is off by ~1e12: exp gives inf or 0, the row NaN or empty), so
- * such rows round z first, into e, as the reference does. Returns whether it did.
+ * such rows (rare: no mask array and no bias) store z - max into e, computed in double:
+ * exact products for float32, which keeps near-ties at any magnitude; for float64 the
+ * reference's own rounding. *m becomes 0. Returns whether it did.
  */
 FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, FM_T scale, fm_ssize n, FM_T *e,
-                                     FM_T m)
+                                     FM_T *m)
 {
     fm_ssize i;
-    if (!(m > FM_NEG_INF) || FM_MAX(m, -m) < FM_Z_FUSED_MAX)
+    double md = -HUGE_VAL;
+    if (!(*m > FM_NEG_INF) || FM_MAX(*m, -*m) < FM_Z_FUSED_MAX)
         return 0;
-    for (i = 0; i < n; i++) e[i] = src[i] * scale;
+    for (i = 0; i < n; i++) {
+        const double z = (double)src[i] * (double)scale;
+        e[i] = (FM_T)z;
+        md = z > md ? z : md; /* NaN ignored, as in pass 1 */
+    }
+    if (sizeof(FM_T) == sizeof(double)) /* from memory: a product fused with the */
+        for (i = 0; i < n; i++) e[i] = (FM_T)(e[i] - md); /* subtraction is unrounded */
+    else /* float32: the products are exact in double, fused or not */
+        for (i = 0; i < n; i++) e[i] = (FM_T)((double)src[i] * (double)scale - md);
+    *m = 0;
     return 1;
 }
 
@@ -1055,7 +1070,7 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
             const FM_T z = zmap ? e[i] : src[i] * scale;
             m = FM_MAX(m, z);
         }
-        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, m);
+        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, &m);
         if (m > FM_NEG_INF) {
             const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (i = 0; i < n; i++) {
@@ -1092,7 +1107,7 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
         /* Pass 2: e = exp(z - m) (exactly 0 where masked: exp(-inf)), summed in blocks
          * of FM_BLOCK keys while they are in L1; each lane sums at most
          * FM_BLOCK / FM_LANES terms before the block total joins a double. */
-        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, m);
+        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, &m);
         if (m > FM_NEG_INF) {
             const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (start = 0; start < nfull; start += FM_BLOCK) {

@@ -344,3 +344,21 @@ def test_a_bias_shared_by_the_whole_row_is_not_rounded_away(backend, dtype, n, o
     for k in (None, keep):
         y = fm.masked_softmax(x, k, bias=bias, backend=backend)
         assert_matches_reference(y, x, keep=k, bias=bias)
+
+
+# (float64 is left out: its reference rounds z itself, beyond float64's 1e-12 tolerance)
+@pytest.mark.parametrize(
+    "dtype,peak,scale", [(np.float32, 1e20, 1e-12), (np.float32, 1e20, 3e-13),
+                         (np.float32, 3e38, 1e-31)],
+)  # fmt: skip
+@pytest.mark.parametrize("n", [3, 17, 90])
+def test_near_ties_at_a_huge_magnitude_keep_their_weights(backend, dtype, peak, scale, n):
+    """Logits a few ulps apart at 1e20, scaled down to |z| ~ 1e8: rounding z in float32
+    made their weights wrong by up to 40%; the float64 reference keeps them."""
+    up = np.asarray(peak, dtype)
+    steps = [up]
+    for _ in range(2):
+        steps.append(np.nextafter(steps[-1], dtype(np.inf)))
+    x = np.array([steps * (n // 3)], dtype)
+    y = fm.masked_softmax(x, scale=scale, backend=backend)
+    assert_matches_reference(y, x, scale=scale)

@@ -262,10 +262,24 @@ def _fused_max(bp):
     return f24 if _cval(bp, 16777217.0) == f24 else _cval(bp, 9007199254740992.0)
 
 
-def _stage_z(xp, dp, n, sc):
-    """dp[j] = x[j] * sc, rounded (``dp`` may be ``xp``)."""
+def _stage_z(xp, dp, n, sc, bp):
+    """dp[j] = x[j]*sc - max(x*sc), computed in float64 (``dp`` may be ``xp``): exact
+    products for float32 logits, so near-ties keep their weights at any magnitude; for
+    float64 the products rounded once each, as the reference rounds them."""
+    sd = np.float64(sc)
+    md = -np.inf
     for j in range(n):
-        _store_c(dp, j, _load_c(xp, j) * sc)
+        z = np.float64(_load_c(xp, j)) * sd
+        if z > md:  # NaN ignored, as in pass 1
+            md = z
+    if _cval(bp, 16777217.0) == _cval(bp, 16777216.0):  # float32: products exact
+        for j in range(n):
+            _store_c(dp, j, np.float64(_load_c(xp, j)) * sd - md)
+    else:  # float64: rounded first, through memory (a fused product is not rounded)
+        for j in range(n):
+            _store_c(dp, j, _load_c(xp, j) * sc)
+        for j in range(n):
+            _store_c(dp, j, _load_c(dp, j) - md)
 
 
 def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
@@ -276,9 +290,9 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
 
     Without a bias, pass 2's ``x*sc - m`` is contracted into one rounding: off from
     the rounded z by m's own rounding error, a shift that cancels in the
-    normalisation while it is small. Rows with |m| >= :func:`_fused_max` round z
-    first, as the C kernel does (float32 1e20 * 0.1 is otherwise off by ~1e12,
-    and exp gives inf or 0).
+    normalisation while it is small. Rows with |m| >= :func:`_fused_max` stage
+    ``z - m`` in float64 first (:func:`_stage_z`), as the C kernel does (float32
+    1e20 * 0.1 is otherwise off by ~1e12, and exp gives inf or 0).
     """
     m = _pass1(xp, kp, bp, n, sc, hk, hb)
     one = _cval(bp, 1.0)
@@ -288,8 +302,8 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
         return 1, one
     if not hb and not abs(m) < _fused_max(bp):
         dp = _dest(xp, ep)
-        _stage_z(xp, dp, n, sc)
-        return _row_exp(dp, kp, bp, None, n, one, m, hk, hb)
+        _stage_z(xp, dp, n, sc, bp)
+        return _row_exp(dp, kp, bp, None, n, one, _cval(bp, 0.0), hk, hb)
     return _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb)
 
 
