@@ -454,3 +454,11 @@ def test_a_predicate_per_request_does_not_grow_memory():
     assert_matches_reference(y, x, keep=keep2)
     other = fm.masked_softmax(x, per_request(5), backend="numba")  # another value: its own
     assert_matches_reference(other, x, keep=np.abs(np.arange(16)[:, None] - np.arange(16)) <= 5)
+    assert per_request(2)._code_key == per_request(2)._code_key
+    assert per_request(2)._code_key != per_request(2.0)._code_key  # 2 == 2.0, other types
+    table = np.arange(3)
+
+    def from_a_table(b, h, q, k):
+        return k <= table[q % 3]
+
+    assert masks.predicate(from_a_table)._code_key is None  # an array: compiled on its own

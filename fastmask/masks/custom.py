@@ -102,9 +102,10 @@ def _code_key(fn: Callable) -> tuple | None:
     function is compiled for its own strategies only."""
     try:
         code = fn.__code__
-        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+        # With each value's type: 1, 1.0 and True are equal keys but compile differently.
+        cells = tuple((type(v), v) for v in (c.cell_contents for c in fn.__closure__ or ()))
         glb = fn.__globals__
-        names = tuple((n, glb[n]) for n in code.co_names if n in glb)
+        names = tuple((n, type(glb[n]), glb[n]) for n in code.co_names if n in glb)
         kwdefaults = tuple(sorted((fn.__kwdefaults__ or {}).items()))
         key = (code, cells, fn.__defaults__, kwdefaults, names)
         hash(key)
