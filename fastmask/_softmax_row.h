@@ -978,26 +978,29 @@ FM_INLINE double FM_FN(fm_reduce_sum)(FM_T *acc)
  * max's own rounding error, a shift that cancels in the normalisation while it is
  * small. Once |m| reaches 2^(mantissa bits) that error can exceed the range of exp
  * (float32 1e20 * 0.1 is off by ~1e12: exp gives inf or 0, the row NaN or empty), so
- * such rows (rare: no mask array and no bias) store z - max into e, computed in double:
- * exact products for float32, which keeps near-ties at any magnitude; for float64 the
- * reference's own rounding. *m becomes 0. Returns whether it did.
+ * such rows (rare; not with a bias) store z - max into e, computed in double: exact
+ * products for float32, which keeps near-ties at any magnitude and a product that
+ * overflows float32 (m = +inf from finite logits) finite; for float64 the reference's
+ * own rounding. keep (or NULL) masks keys out. *m becomes 0. Returns whether it did.
  */
-FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, FM_T scale, fm_ssize n, FM_T *e,
-                                     FM_T *m)
+FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, const unsigned char *keep,
+                                     FM_T scale, fm_ssize n, FM_T *e, FM_T *m)
 {
     fm_ssize i;
     double md = -HUGE_VAL;
     if (!(*m > FM_NEG_INF) || FM_MAX(*m, -*m) < FM_Z_FUSED_MAX)
         return 0;
     for (i = 0; i < n; i++) {
-        const double z = (double)src[i] * (double)scale;
+        const double z = keep != NULL && !keep[i] ? -HUGE_VAL : (double)src[i] * (double)scale;
         e[i] = (FM_T)z;
         md = z > md ? z : md; /* NaN ignored, as in pass 1 */
     }
     if (sizeof(FM_T) == sizeof(double)) /* from memory: a product fused with the */
         for (i = 0; i < n; i++) e[i] = (FM_T)(e[i] - md); /* subtraction is unrounded */
     else /* float32: the products are exact in double, fused or not */
-        for (i = 0; i < n; i++) e[i] = (FM_T)((double)src[i] * (double)scale - md);
+        for (i = 0; i < n; i++)
+            e[i] = keep != NULL && !keep[i] ? FM_NEG_INF
+                                            : (FM_T)((double)src[i] * (double)scale - md);
     *m = 0;
     return 1;
 }
@@ -1070,7 +1073,8 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
             const FM_T z = zmap ? e[i] : src[i] * scale;
             m = FM_MAX(m, z);
         }
-        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, &m);
+        if (!hb && FM_FN(fm_z_to_memory)(src, hk ? keep : NULL, scale, n, e, &m))
+            zread = 1;
         if (m > FM_NEG_INF) {
             const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (i = 0; i < n; i++) {
@@ -1107,7 +1111,8 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
         /* Pass 2: e = exp(z - m) (exactly 0 where masked: exp(-inf)), summed in blocks
          * of FM_BLOCK keys while they are in L1; each lane sums at most
          * FM_BLOCK / FM_LANES terms before the block total joins a double. */
-        zread = zread || FM_FN(fm_z_to_memory)(src, scale, n, e, &m);
+        if (!hb && FM_FN(fm_z_to_memory)(src, hk ? keep : NULL, scale, n, e, &m))
+            zread = 1;
         if (m > FM_NEG_INF) {
             const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (start = 0; start < nfull; start += FM_BLOCK) {

@@ -362,3 +362,23 @@ def test_near_ties_at_a_huge_magnitude_keep_their_weights(backend, dtype, peak, 
     x = np.array([steps * (n // 3)], dtype)
     y = fm.masked_softmax(x, scale=scale, backend=backend)
     assert_matches_reference(y, x, scale=scale)
+
+
+@pytest.mark.parametrize("n", [4, 40, 300])
+@pytest.mark.parametrize("how", ["none", "padding", "keep"])
+def test_a_product_that_overflows_float32_is_not_a_nan_row(backend, n, how):
+    """Regression: float32 logits of 3e38 with scale 2 overflowed x*scale to inf, and
+    the compiled backends returned a NaN row; float64 (the reference) is finite."""
+    x = np.zeros((1, 1, n), np.float32)
+    x[..., 0], x[..., 1], x[..., 3] = 3e38, 2.9e38, -3e38
+    keep = np.ones(n, bool)
+    keep[0] = how != "keep"  # with a dense mask, key 0 is masked out: key 1 wins
+    mask = {"none": None, "padding": masks.padding([n - 1]), "keep": keep}[how]
+    y = fm.masked_softmax(x, mask, scale=2.0, backend=backend)
+    assert np.isfinite(y).all()
+    dense = None if mask is None else np.broadcast_to(
+        keep if how == "keep" else np.arange(n) < n - 1, x.shape
+    )  # fmt: skip
+    assert_matches_reference(y, x, keep=dense, scale=2.0)
+    x[..., 2] = np.inf  # a kept +inf logit itself: the row is NaN, as documented
+    assert np.isnan(fm.masked_softmax(x, mask, scale=2.0, backend=backend)).all()

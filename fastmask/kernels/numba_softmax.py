@@ -262,15 +262,16 @@ def _fused_max(bp):
     return f24 if _cval(bp, 16777217.0) == f24 else _cval(bp, 9007199254740992.0)
 
 
-def _stage_z(xp, dp, n, sc, bp):
-    """dp[j] = x[j]*sc - max(x*sc), computed in float64 (``dp`` may be ``xp``): exact
-    products for float32 logits, so near-ties keep their weights at any magnitude; for
-    float64 the products rounded once each, as the reference rounds them."""
+def _stage_z(xp, kp, dp, n, sc, bp, hk):
+    """dp[j] = x[j]*sc - max(kept x*sc), computed in float64 (``dp`` may be ``xp``):
+    exact products for float32 logits, so near-ties keep their weights at any magnitude
+    and a product that overflows float32 stays finite; for float64 the products rounded
+    once each, as the reference rounds them."""
     sd = np.float64(sc)
     md = -np.inf
     for j in range(n):
         z = np.float64(_load_c(xp, j)) * sd
-        if z > md:  # NaN ignored, as in pass 1
+        if z > md and (not hk or kp[j] != 0):  # NaN ignored, as in pass 1
             md = z
     if _cval(bp, 16777217.0) == _cval(bp, 16777216.0):  # float32: products exact
         for j in range(n):
@@ -296,14 +297,15 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
     """
     m = _pass1(xp, kp, bp, n, sc, hk, hb)
     one = _cval(bp, 1.0)
-    if m != m or m == np.inf:
+    if m != m or (m == np.inf and hb):
         return 2, one
     if m == -np.inf:
         return 1, one
-    if not hb and not abs(m) < _fused_max(bp):
+    if not hb and not abs(m) < _fused_max(bp):  # also a float32 product that overflowed
         dp = _dest(xp, ep)
-        _stage_z(xp, dp, n, sc, bp)
-        return _row_exp(dp, kp, bp, None, n, one, _cval(bp, 0.0), hk, hb)
+        _stage_z(xp, kp, dp, n, sc, bp, hk)
+        code, inv = _row_exp(dp, kp, bp, None, n, one, _cval(bp, 0.0), hk, hb)
+        return (2, one) if inv != inv else (code, inv)  # a kept +inf logit: a NaN row
     return _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb)
 
 
