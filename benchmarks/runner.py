@@ -16,7 +16,7 @@ import numpy as np
 
 import fastmask as fm
 
-from . import peers, pipeline, reports, targets
+from . import hf_models, peers, pipeline, reports, targets
 from .isolation import PeerProcess, is_peer
 from .workloads import WORKLOADS, Workload
 
@@ -203,12 +203,12 @@ def _memory(threads: int, quick: bool, progress) -> list[Result]:
 
 
 _REPORTS = {"scaling": _scaling, "startup": _startup, "memory": _memory,
-            "pipeline": pipeline.report}  # fmt: skip
+            "pipeline": pipeline.report, "hf": hf_models.report}  # fmt: skip
 
 
 def check_targets(results: list[Result]) -> list[targets.Target]:
     """Every target this run's results can decide: the suite's and the pipeline's."""
-    return targets.check(results) + pipeline.check(results)
+    return targets.check(results) + pipeline.check(results) + hf_models.check(results)
 
 
 # ----------------------------------------------------------- the suite
@@ -346,6 +346,9 @@ def format_table(results: list[Result]) -> str:
         lines.append(f"{wname}: {WORKLOADS[wname].description}")
         if WORKLOADS[wname].op == "pipeline":
             lines += [*pipeline.format_rows(rows), ""]
+            continue
+        if WORKLOADS[wname].op == "hf":
+            lines += [*hf_models.format_rows(rows), ""]
             continue
         if WORKLOADS[wname].op in _REPORTS:
             for r in rows:

@@ -54,7 +54,7 @@ class Workload:
     name: str
     description: str
     make: Callable[[np.random.Generator], Inputs]
-    # or "attention", or a report: "scaling", "startup", "memory", "pipeline"
+    # or "attention", or a report: "scaling", "startup", "memory", "pipeline", "hf"
     op: str = "masked_softmax"
     repeats: int = 10
     quick_repeats: int = 3
@@ -193,5 +193,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("pipeline", "in one process: fastmask right after NumPy/torch matmuls and "
                  "back, vs alone; an encoder layer, NumPy + fastmask vs torch", _no_inputs,
                  op="pipeline", repeats=15, quick_repeats=6),
+        Workload("hf", "Hugging Face transformers: fastmask vs sdpa inside a Llama-style "
+                 "decoder (prefill, decode) and BERT (all-MiniLM-L6-v2)", _no_inputs, op="hf",
+                 repeats=5, quick_repeats=3),
     ]
 }  # fmt: skip

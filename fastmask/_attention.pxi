@@ -12,7 +12,7 @@ cdef extern from "_attention_engine.h" nogil:
         Py_ssize_t vs_b, vs_h, vs_k
         char *o
         Py_ssize_t os_b, os_h, os_q
-        int out_half
+        int out_kind
         const char *keep
         Py_ssize_t kps_b, kps_h, kps_q, kps_k
         const char *bias
@@ -28,6 +28,11 @@ cdef extern from "_attention_engine.h" nogil:
         Py_ssize_t fn_h0
         int fn_swap
         int64_t failed
+
+    enum:
+        FM_OUT_COMPUTE
+        FM_OUT_F16
+        FM_OUT_BF16
 
     int fm_attn(fm_attn_args *a, int double_)
     int fm_attn_available()
@@ -89,8 +94,9 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
         float32 or float64 (the compute dtype), last axis unit-stride, other strides
         free (0 for broadcast axes).
     out4 : ndarray
-        The compute dtype, or float16 with float32 inputs; writable, zero-filled, last
-        axis unit-stride, not overlapping any input.
+        The compute dtype, or float16 or bfloat16 (``ml_dtypes.bfloat16``, rounded to
+        nearest even) with float32 inputs; writable, zero-filled, last axis
+        unit-stride, not overlapping any input.
     keep4, bias4, bounds4 : ndarray or None
         As for :func:`masked_softmax_4d`: any strides.
     scale : float
@@ -128,9 +134,10 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
     cdef int rc, dbl
     if ctn != cnp.NPY_FLOAT and ctn != cnp.NPY_DOUBLE:
         raise TypeError(f"q4 has dtype {q4.dtype}; expected float32 or float64")
-    if not (otn == ctn or (otn == cnp.NPY_FLOAT16 and ctn == cnp.NPY_FLOAT)):
+    if not (otn == ctn or (ctn == cnp.NPY_FLOAT and (otn == cnp.NPY_FLOAT16
+                                                     or otn == _bfloat16_num()))):
         raise TypeError(f"out4 has dtype {out4.dtype}; expected {q4.dtype}"
-                        + (" or float16" if ctn == cnp.NPY_FLOAT else ""))
+                        + (", float16 or bfloat16" if ctn == cnp.NPY_FLOAT else ""))
     if not isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
     if nthreads < 1:
@@ -158,7 +165,12 @@ def attention_4d(cnp.ndarray q4 not None,    # IN  (B, H, Lq, D), compute dtype
     a.k, a.ks_b, a.ks_h, a.ks_k = PyArray_BYTES_const(k4), _stride(k4, 0), _stride(k4, 1), _stride(k4, 2)
     a.v, a.vs_b, a.vs_h, a.vs_k = PyArray_BYTES_const(v4), _stride(v4, 0), _stride(v4, 1), _stride(v4, 2)
     a.o, a.os_b, a.os_h, a.os_q = <char *>cnp.PyArray_BYTES(out4), _stride(out4, 0), _stride(out4, 1), _stride(out4, 2)
-    a.out_half = otn == cnp.NPY_FLOAT16
+    if otn == ctn:
+        a.out_kind = FM_OUT_COMPUTE
+    elif otn == cnp.NPY_FLOAT16:
+        a.out_kind = FM_OUT_F16
+    else:
+        a.out_kind = FM_OUT_BF16
     a.keep = NULL
     a.bias = NULL
     a.bounds = NULL

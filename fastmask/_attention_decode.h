@@ -296,6 +296,15 @@ static FM_TARGET_AVX512 void fm_at_pack_qt_avx512(const fm_attn_args *a, const f
     }
 }
 
+/* 16 output values rounded to bfloat16 (NaN rows: y is NaN, giving FM_BF16_NAN). */
+FM_TARGET_AVX512 FM_INLINE __m256i fm_at_f2bf16(__m512 y)
+{
+#if FM_BF16_NATIVE
+    if (fm_bf16_native_on) return fm_f2bf16_native(y); /* a call: wider target */
+#endif
+    return fm_f2bf16_avx512(y);
+}
+
 /* The item's output rows from O^T: row r = O^T[:, r] / l[r] (0 for rows with nothing
  * kept, NaN for rows with a kept NaN/+inf), 16 x 16 blocks at a time. */
 static FM_TARGET_AVX512 void fm_at_store_avx512(const fm_attn_args *a, const fm_at_item *it,
@@ -326,9 +335,11 @@ static FM_TARGET_AVX512 void fm_at_store_avx512(const fm_attn_args *a, const fm_
                 const __m512 y = nan[i]    ? _mm512_set1_ps(NAN)
                                  : zero[i] ? _mm512_setzero_ps()
                                            : _mm512_mul_ps(blk[i], _mm512_set1_ps(inv[i]));
-                if (a->out_half)
+                if (a->out_kind == FM_OUT_F16)
                     _mm256_mask_storeu_epi16((uint16_t *)orow + e0, lanes,
                                              _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+                else if (a->out_kind == FM_OUT_BF16)
+                    _mm256_mask_storeu_epi16((uint16_t *)orow + e0, lanes, fm_at_f2bf16(y));
                 else
                     _mm512_mask_storeu_ps((float *)orow + e0, lanes, y);
             }

@@ -29,6 +29,9 @@
 
 #include "_softmax_row.h"
 
+/* The dtype of the output: the compute type, or a 16-bit one rounded from float32. */
+enum { FM_OUT_COMPUTE = 0, FM_OUT_F16 = 1, FM_OUT_BF16 = 2 };
+
 /* What one call shares. Pointers to the first element; strides in bytes. The inner
  * (D, Dv) stride of q, k, v and out is one element. */
 typedef struct {
@@ -41,7 +44,7 @@ typedef struct {
     fm_ssize vs_b, vs_h, vs_k;
     char *o;
     fm_ssize os_b, os_h, os_q;
-    int out_half;      /* out is float16 (computed in float32) */
+    int out_kind;      /* FM_OUT_*: what out holds (float16 and bfloat16: float32 compute) */
     const char *keep;  /* bool (B, H, Lq, Lk) view, or NULL */
     fm_ssize kps_b, kps_h, kps_q, kps_k;
     const char *bias;  /* compute-dtype (B, H, Lq, Lk) view, or NULL */

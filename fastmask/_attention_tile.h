@@ -560,10 +560,16 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_store)(const fm_attn_args *a, const fm_at_
         const int nan = l[r] != l[r], zero = !(l[r] > 0);
         const FM_AT_T inv = (nan || zero) ? 0 : (FM_AT_T)1 / l[r];
 #if FM_AT_F32
-        if (a->out_half) {
+        if (a->out_kind == FM_OUT_F16) {
             uint16_t *op = (uint16_t *)orow;
             for (e = 0; e < dv_n; e++)
                 op[e] = nan ? 0x7e00u : zero ? 0u : fm_float_to_half(ot[e * rp + r] * inv);
+            continue;
+        }
+        if (a->out_kind == FM_OUT_BF16) {
+            uint16_t *op = (uint16_t *)orow;
+            for (e = 0; e < dv_n; e++)
+                op[e] = nan ? FM_BF16_NAN : zero ? 0u : fm_float_to_bf16(ot[e * rp + r] * inv);
             continue;
         }
 #endif
@@ -578,7 +584,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_store)(const fm_attn_args *a, const fm_at_
 
 static FM_AT_ATTR void FM_AT_FN(fm_at_zero_rows)(const fm_attn_args *a, const fm_at_item *it)
 {
-    const size_t bytes = (size_t)a->Dv * (a->out_half ? 2 : sizeof(FM_AT_T));
+    const size_t bytes = (size_t)a->Dv * (a->out_kind != FM_OUT_COMPUTE ? 2 : sizeof(FM_AT_T));
     fm_ssize r;
     for (r = 0; r < it->nrows; r++)
         memset(a->o + it->b * a->os_b + it->h[r] * a->os_h + it->qi[r] * a->os_q, 0, bytes);

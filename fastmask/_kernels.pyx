@@ -24,6 +24,8 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
+import sys
+
 import numpy as np
 
 cnp.import_array()
@@ -71,6 +73,8 @@ cdef extern from "_softmax_row.h" nogil:
         fm_map_f64_fn exp_f64
         fm_h2f_fn h2f
         fm_f2h_fn f2h
+        fm_h2f_fn bf2f
+        fm_f2h_fn f2bf
 
     int fm_thread_num()
     int fm_openmp_version()
@@ -85,6 +89,8 @@ cdef extern from "_softmax_row.h" nogil:
     int fm_isa_select(int i)
     int fm_isa_current()
     const fm_isa_t *fm_isa()
+    int fm_bf16_native()
+    int fm_bf16_allow_native(int allow)
     fm_row_fn fm_row_for(int dtype_code)
     fm_row2_fn fm_row2_for(int dtype_code, const fm_row_args *a)
     int fm_can_stream(int dtype_code)
@@ -111,9 +117,32 @@ ctypedef struct _plan:
     Py_ssize_t dst[4]
 
 
-_TYPE_NAMES = {cnp.NPY_BOOL: "bool", cnp.NPY_FLOAT: "float32", cnp.NPY_DOUBLE: "float64",
-               cnp.NPY_INT64: "int64"}
+_TYPE_NAMES = {cnp.NPY_BOOL: "bool", cnp.NPY_FLOAT16: "float16", cnp.NPY_FLOAT: "float32",
+               cnp.NPY_DOUBLE: "float64", cnp.NPY_INT64: "int64"}
 
+# NumPy's type number of ml_dtypes.bfloat16, or -1 until known. It is a user-defined
+# dtype, numbered when ml_dtypes registers it, so it is looked up at run time: on the
+# first array that is none of the built-in types (importing ml_dtypes here, at module
+# import, would cost most of a second; an array of its dtype implies it is imported).
+cdef int _bf16_num = -1
+
+
+cdef int _bfloat16_num() except -2:
+    global _bf16_num
+    if _bf16_num < 0:
+        ml = sys.modules.get("ml_dtypes")
+        if ml is not None:
+            _bf16_num = np.dtype(ml.bfloat16).num
+    return _bf16_num
+
+
+cdef str _type_name(int type_num):
+    if type_num == _bf16_num and type_num >= 0:
+        return "bfloat16"
+    return _TYPE_NAMES.get(type_num, str(type_num))
+
+# What _set_bf16_native() last allowed (the C flag itself is not readable from here).
+_bf16_native_allowed = True
 # Set by after_fork_in_child(): this process must not enter an OpenMP region again.
 cdef bint _serial_only = False
 # Outputs at least this large are written with streaming stores where the layout
@@ -283,8 +312,8 @@ cdef int _check_operand(object a, str name, int type_num, cnp.npy_intp *shape,
             t == cnp.NPY_LONG or t == cnp.NPY_LONGLONG):
         t = type_num  # 'l' and 'q' are both int64 on LP64 platforms
     if t != type_num or not cnp.PyArray_ISNOTSWAPPED(arr):
-        raise TypeError(f"{name} has dtype {arr.dtype.str}; expected native "
-                        f"{_TYPE_NAMES.get(type_num, type_num)}")
+        raise TypeError(f"{name} has dtype {arr.dtype} ({arr.dtype.str}); expected native "
+                        f"{_type_name(type_num)}")
     if cnp.PyArray_NDIM(arr) != 4:
         raise ValueError(f"{name} must be 4-D, got {cnp.PyArray_NDIM(arr)}-D")
     for i in range(3):
@@ -313,11 +342,12 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
     ``k`` is kept when ``keep4[b, h, q, k]`` (if given) and ``lo <= k < hi`` with
     ``lo, hi = bounds4[b, h, q]`` (if given, clipped to ``[0, N)``). Masked keys get
     exactly 0; a row with nothing kept (or only ``-inf``) is all zeros; a kept NaN or
-    ``+inf`` makes the whole row NaN. float16 is computed in float32.
+    ``+inf`` makes the whole row NaN. float16 and bfloat16 (``ml_dtypes.bfloat16``) are
+    computed in float32 and rounded to nearest even.
 
     Parameters
     ----------
-    x4 : ndarray, float16, float32 or float64, 4-D
+    x4 : ndarray, float16, bfloat16, float32 or float64, 4-D
         Any strides (negative and 0 included); may be read-only.
     out4 : ndarray
         Same shape and dtype as ``x4``, writable, not overlapping itself; either
@@ -327,7 +357,8 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
     keep4 : ndarray of bool or None
         True = keep; any strides (broadcast views welcome).
     bias4 : ndarray or None
-        float32 for float16/float32 ``x4``, float64 for float64 ``x4``; any strides.
+        float32 for float16/bfloat16/float32 ``x4``, float64 for float64 ``x4``; any
+        strides.
     bounds4 : ndarray of int64 or None
         Shape ``(B, H, Q, 2)``: per-row ``[lo, hi)`` of the keys that may be kept.
     h0 : int
@@ -364,8 +395,11 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
         dcode, ctn, item, citem = 2, cnp.NPY_DOUBLE, 8, 8
     elif tn == cnp.NPY_FLOAT16:
         dcode, ctn, item, citem = 0, cnp.NPY_FLOAT, 2, 4
+    elif tn == _bfloat16_num():
+        dcode, ctn, item, citem = 3, cnp.NPY_FLOAT, 2, 4
     else:
-        raise TypeError(f"x4 has dtype {x4.dtype}; expected float16, float32 or float64")
+        raise TypeError(f"x4 has dtype {x4.dtype}; expected float16, bfloat16, float32 "
+                        "or float64")
     if not cnp.PyArray_ISNOTSWAPPED(x4):
         raise TypeError(f"x4 has non-native byte order ({x4.dtype.str})")
     if cnp.PyArray_NDIM(x4) != 4:
@@ -373,7 +407,8 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
     shape = cnp.PyArray_DIMS(x4)
     B, H, Q, N = shape[0], shape[1], shape[2], shape[3]
     if cnp.PyArray_TYPE(out4) != tn or not cnp.PyArray_ISNOTSWAPPED(out4):
-        raise TypeError(f"out4 has dtype {out4.dtype.str}; expected {x4.dtype.str}")
+        raise TypeError(f"out4 has dtype {out4.dtype} ({out4.dtype.str}); expected native "
+                        f"{x4.dtype}")
     if cnp.PyArray_NDIM(out4) != 4 or (cnp.PyArray_DIMS(out4)[0] != B or
                                        cnp.PyArray_DIMS(out4)[1] != H or
                                        cnp.PyArray_DIMS(out4)[2] != Q or
@@ -479,7 +514,7 @@ def masked_softmax_4d(cnp.ndarray x4 not None,   # IN  logits (B, H, Q, N)
     per = _round64(N * citem)                      # e = exp(z - m)
     p.args.off_e = 0
     p.args.off_x = p.args.off_b = p.args.off_k = 0
-    if dcode == 0 or p.args.x_stride != item:      # float16, or non-unit-stride x
+    if item == 2 or p.args.x_stride != item:       # 16-bit x, or non-unit-stride x
         p.args.off_x = per
         per += _round64(N * citem)
     if p.args.has_bias and p.args.bias_stride != citem:
@@ -562,6 +597,12 @@ def after_fork_in_child():
     _pool_paused_for_fork = False
 
 
+def state():
+    """What of :func:`build_info` can change in a process, cheaply (for caches): the
+    kernel variant in use, native bf16 rounding, serial after a fork."""
+    return (fm_isa_current(), fm_bf16_native(), _serial_only)
+
+
 def build_info():
     """How this extension was built and which kernel variant runs: a dict."""
     return {
@@ -570,6 +611,7 @@ def build_info():
         "multiversion": bool(FM_X86_MV),
         "isa": _isa(),
         "isa_available": _isa_available(),
+        "bf16_native": bool(fm_bf16_native()),
         "debug": bool(fm_debug_build()),
         "serial_only": bool(_serial_only),
     }
@@ -647,6 +689,38 @@ def _float_to_half(f):
     fm_isa().f2h(<const float *>cnp.PyArray_DATA(a), <uint16_t *>cnp.PyArray_DATA(out),
                  a.shape[0])
     return out
+
+
+def _bfloat16_to_float(h):
+    """The kernels' bfloat16 -> float32 conversion on a 1-D uint16 array of bit patterns."""
+    cdef cnp.ndarray a = np.ascontiguousarray(h, dtype=np.uint16)
+    cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.float32)
+    fm_isa().bf2f(<const uint16_t *>cnp.PyArray_DATA(a), <float *>cnp.PyArray_DATA(out),
+                  a.shape[0])
+    return out
+
+
+def _float_to_bfloat16(f):
+    """The kernels' float32 -> bfloat16 rounding on a 1-D float32 array (the conversion
+    the variant in use stores with: VCVTNEPS2BF16 or the integer code); returns uint16
+    bits."""
+    cdef cnp.ndarray a = np.ascontiguousarray(f, dtype=np.float32)
+    cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.uint16)
+    fm_isa().f2bf(<const float *>cnp.PyArray_DATA(a), <uint16_t *>cnp.PyArray_DATA(out),
+                  a.shape[0])
+    return out
+
+
+def _set_bf16_native(allow):
+    """Allow (True) or forbid (False) the VCVTNEPS2BF16 conversion of the "avx512" variant
+    on CPUs with AVX512_BF16; returns whether it was allowed before. Whether it is in use
+    is ``build_info()["bf16_native"]``. For tests: not thread-safe against running calls.
+    """
+    global _bf16_native_allowed
+    old = _bf16_native_allowed
+    _bf16_native_allowed = bool(allow)
+    fm_bf16_allow_native(1 if allow else 0)
+    return old
 
 
 include "_attention.pxi"

@@ -15,10 +15,12 @@
  * Three fused passes over the kept span [lo, hi) of a row:
  *   1. max of z over kept keys (prefetching the next row of x as it streams);
  *   2. e = exp(z - m) into a per-thread scratch row (L1-resident), plus its sum;
- *   3. out = e * (1 / sum), written once (rounded to float16 for float16 rows).
+ *   3. out = e * (1 / sum), written once (rounded to nearest even for float16 and
+ *      bfloat16 rows).
  * Positions outside [lo, hi) are never read; they are written 0 directly. A row of x
  * (or of keep / bias) that is not unit-stride is first gathered into scratch, and a
- * float16 row is converted to float32 there; pass 3 scatters to any output stride.
+ * float16 or bfloat16 row is converted to float32 there; pass 3 scatters to any output
+ * stride.
  *
  * Speed without -ffast-math: the loops are plain C that gcc/clang -O3 vectorise. The
  * exponential is a branch-free polynomial with integer bit tricks (no libm call), the
@@ -33,6 +35,8 @@
  * fm_isa_select(-1) picks the best one the CPU supports (__builtin_cpu_supports). Same
  * effect as target_clones + ifunc, but the choice is an ordinary variable: no ifunc
  * (so it also works on musl and macOS), and tests can force each variant on one CPU.
+ * The AVX-512 variant rounds bfloat16 with VCVTNEPS2BF16 where the CPU has
+ * AVX512_BF16 (one more runtime flag, fm_bf16_native_on, not a fourth variant).
  */
 
 #ifndef FM_TEMPLATE_PASS /* ------------------------------------------------------------ */
@@ -329,6 +333,31 @@ FM_INLINE uint16_t fm_float_to_half(float f)
     return (uint16_t)(r | sign);
 }
 
+/* ------------------------------------------------------------------------ bfloat16 */
+
+/* bfloat16 is the upper half of a binary32 (same sign, exponent and top 7 mantissa
+ * bits), so widening is exact: a shift, which gcc/clang vectorise at every ISA level
+ * (vpmovzxwd + vpslld). */
+FM_INLINE float fm_bf16_to_float(uint16_t h) { return fm_from_bits_f32((uint32_t)h << 16); }
+
+/* binary32 -> bfloat16, round to nearest even on the bit pattern: adding 0x7fff plus
+ * the kept lsb carries into the kept bits exactly when the dropped half is above (or,
+ * for an odd lsb, at) the midpoint. Integer-only, so it needs no MXCSR mode and is
+ * exact for subnormals too (bfloat16 has binary32's exponent range); a carry out of
+ * the mantissa rolls into the exponent, up to inf. NaN stays NaN: the high half with
+ * the quiet bit set (sign and top payload bits kept), which is bit for bit what
+ * VCVTNEPS2BF16 gives, so both conversions agree on every input. Branch-free:
+ * vectorises. */
+FM_INLINE uint16_t fm_float_to_bf16(float f)
+{
+    const uint32_t u = fm_bits_f32(f);
+    const uint32_t rne = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x0040u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rne);
+}
+
+#define FM_BF16_NAN 0x7fc0u /* what a NaN row is filled with */
+
 #if FM_X86_MV
 /* F16C (every AVX2 CPU has it): exact IEEE conversions, 8 per instruction; only the
  * AVX2 / AVX-512 variants call these. Tails use the integer code above, which gives
@@ -372,7 +401,94 @@ static int fm_cpu_has_f16c(void)
     if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
     return (int)((ecx >> 29) & 1u) && (int)((ecx >> 28) & 1u); /* F16C and AVX */
 }
+
+/* float32 -> bfloat16 of 16 lanes with AVX-512F: fm_float_to_bf16, lane-wise. */
+FM_TARGET_AVX512 FM_INLINE __m256i fm_f2bf16_avx512(__m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    const __m512i rne = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(
+        _mm512_mask_mov_epi32(rne, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40))));
+}
 #endif
+
+/*
+ * AVX512_BF16 (Zen 4/5, Cooper Lake, Sapphire Rapids): VCVTNEPS2BF16 rounds 16 floats
+ * to nearest even in one instruction. It is the conversion of the "avx512" variant
+ * on CPUs that have it (fm_bf16_native_on); elsewhere fm_float_to_bf16 is used.
+ * Unlike the integer code it treats subnormal inputs as zero (regardless of MXCSR):
+ * a float32 weight below 2^-126 would come out as a signed 0 instead of the nearest
+ * bfloat16 subnormal. Such lanes are found with VFPCLASSPS and converted by the
+ * integer code instead (rare: a branch that is almost never taken), so both paths
+ * give the same bits for every input, NaN included. Normal inputs never round to a
+ * bfloat16 subnormal (the exponent ranges are the same), and the instruction neither
+ * raises nor reads FP exceptions or rounding modes. Needs the compiler to know the
+ * target (GCC 10, clang 9); without it the integer code serves every CPU.
+ */
+#if FM_X86_MV && defined(__clang__) && defined(__apple_build_version__)
+#define FM_BF16_NATIVE (__clang_major__ >= 12)
+#elif FM_X86_MV && defined(__clang__)
+#define FM_BF16_NATIVE (__clang_major__ >= 9)
+#elif FM_X86_MV
+#define FM_BF16_NATIVE (__GNUC__ >= 10)
+#else
+#define FM_BF16_NATIVE 0
+#endif
+
+#if FM_BF16_NATIVE
+#if defined(__clang__)
+#define FM_TARGET_AVX512BF16                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,avx512bf16"), \
+                   min_vector_width(512)))
+#else
+#define FM_TARGET_AVX512BF16                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,avx512bf16," \
+                          "prefer-vector-width=512")))
+#endif
+
+static FM_TARGET_AVX512BF16 __m256i fm_f2bf16_native(__m512 v)
+{
+    const __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
+    const __mmask16 sub = _mm512_fpclass_ps_mask(v, 0x20); /* subnormal, either sign */
+    return sub ? _mm256_mask_blend_epi16(sub, r, fm_f2bf16_avx512(v)) : r;
+}
+
+/* out = bfloat16(in * scale), rounded to nearest even; a last partial vector with
+ * masked loads and stores (nothing outside [0, n) is touched). */
+static FM_TARGET_AVX512BF16 void fm_f2bf_native(const float *in, float scale, uint16_t *out,
+                                                fm_ssize n)
+{
+    const __m512 sv = _mm512_set1_ps(scale);
+    fm_ssize i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            fm_f2bf16_native(_mm512_mul_ps(_mm512_loadu_ps(in + i), sv)));
+    if (i < n) {
+        const __mmask16 lanes = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, in + i), sv);
+        _mm256_mask_storeu_epi16(out + i, lanes, fm_f2bf16_native(v));
+    }
+}
+
+/* AVX512_BF16 (CPUID leaf 7, subleaf 1, EAX bit 5). OS support for the AVX-512
+ * state is checked with the "avx512" variant, which the native path belongs to. */
+static int fm_cpu_has_avx512bf16(void)
+{
+    unsigned int eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return 0;
+    return (int)((eax >> 5) & 1u);
+}
+#endif /* FM_BF16_NATIVE */
+
+/* Whether the variant in use converts float32 -> bfloat16 with VCVTNEPS2BF16 (set by
+ * fm_isa_select; tests turn it off with fm_bf16_allow_native(0) to run the integer
+ * conversion inside the AVX-512 variant). */
+static int fm_bf16_native_on = 0;
+static int fm_bf16_native_allowed = 1;
 
 /* --------------------------------------------------------------------- keep rows */
 
@@ -414,6 +530,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #define FM_NEG_INF (-HUGE_VALF)
 #define FM_Z_FUSED_MAX 16777216.0f /* 2^24: below it the fused rounding error is < 1 */
 #define FM_Z_OFFSET_MAX 1073741824.0f /* 2^30: m's rounding error <= 32, exp's range holds */
+#define FM_Z_BIAS_STAGE 64.0 /* |x * scale| from which a biased row is staged in double */
 #define FM_NAN_BITS uint32_t
 #define FM_NAN_PATTERN 0x7fc00000u
 #include "_softmax_row.h"
@@ -424,6 +541,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #undef FM_NEG_INF
 #undef FM_Z_FUSED_MAX
 #undef FM_Z_OFFSET_MAX
+#undef FM_Z_BIAS_STAGE
 #undef FM_NAN_BITS
 #undef FM_NAN_PATTERN
 
@@ -434,6 +552,7 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #define FM_NEG_INF (-HUGE_VAL)
 #define FM_Z_FUSED_MAX 9007199254740992.0 /* 2^53 */
 #define FM_Z_OFFSET_MAX 576460752303423488.0 /* 2^59 */
+#define FM_Z_BIAS_STAGE HUGE_VAL /* float64 is not staged (fm_bias_z_to_memory) */
 #define FM_NAN_BITS uint64_t
 #define FM_NAN_PATTERN 0x7ff8000000000000ull
 #include "_softmax_row.h"
@@ -444,15 +563,16 @@ FM_INLINE const unsigned char *fm_keep_row(const fm_row_args *a, const char *k, 
 #undef FM_NEG_INF
 #undef FM_Z_FUSED_MAX
 #undef FM_Z_OFFSET_MAX
+#undef FM_Z_BIAS_STAGE
 #undef FM_NAN_BITS
 #undef FM_NAN_PATTERN
 
 #undef FM_TEMPLATE_PASS
 
-/* ------------------------------------------------------------------- float16 rows */
+/* ------------------------------------------------------- float16 and bfloat16 rows */
 
-/* Fill positions [from, to) of a float16 row with the bit pattern v. */
-FM_INLINE void fm_fill_f16(char *o, fm_ssize os, fm_ssize from, fm_ssize to, uint16_t v)
+/* Fill positions [from, to) of a 16-bit row with the bit pattern v. */
+FM_INLINE void fm_fill_u16(char *o, fm_ssize os, fm_ssize from, fm_ssize to, uint16_t v)
 {
     fm_ssize i;
     if (to <= from) return;
@@ -466,11 +586,26 @@ FM_INLINE void fm_fill_f16(char *o, fm_ssize os, fm_ssize from, fm_ssize to, uin
     for (i = from; i < to; i++) *(uint16_t *)(o + i * os) = v;
 }
 
-/* float16 row: converted to a float32 scratch row, computed in float32, rounded back
- * to nearest even in pass 3. */
-FM_INLINE void fm_row_body_f16(const fm_row_args *a, const char *x, char *o, const char *k,
+/* A 16-bit element (float16, or bfloat16 when bf16) widened to float32. */
+FM_INLINE float fm_u16_to_float(uint16_t h, const int bf16)
+{
+    return bf16 ? fm_bf16_to_float(h) : fm_half_to_float(h);
+}
+
+FM_INLINE uint16_t fm_float_to_u16(float f, const int bf16)
+{
+    return bf16 ? fm_float_to_bf16(f) : fm_float_to_half(f);
+}
+
+/* A float16 (bf16 = 0) or bfloat16 (bf16 = 1) row: converted to a float32 scratch
+ * row, computed in float32, rounded back to nearest even in pass 3. hw: convert with
+ * the CPU's instructions -- float16: F16C both ways (a constant of the variant);
+ * bfloat16: VCVTNEPS2BF16 for the store (read from fm_bf16_native_on once per row:
+ * one branch, not a second copy of the float32 core), the load being a shift that
+ * compiles to vector code at every ISA level anyway. */
+FM_INLINE void fm_row_body_u16(const fm_row_args *a, const char *x, char *o, const char *k,
                                const char *b, fm_ssize lo, fm_ssize hi, char *scratch,
-                               const int f16c)
+                               const int bf16, const int hw)
 {
     const fm_ssize N = a->n;
     const unsigned char *kp;
@@ -480,14 +615,14 @@ FM_INLINE void fm_row_body_f16(const fm_row_args *a, const char *x, char *o, con
     float inv;
     fm_ssize n, i;
     int st, l;
-    (void)f16c;
+    (void)hw;
 
     if (lo < 0) lo = 0;
     if (hi > N) hi = N;
     if (a->has_keep && a->keep_stride == 0 && hi > lo && !k[0]) hi = lo;
     FM_CHECK_SPAN(o, a->out_stride, 0, N, 2, a->o_lo, a->o_hi);
     if (hi <= lo) {
-        fm_fill_f16(o, a->out_stride, 0, N, 0);
+        fm_fill_u16(o, a->out_stride, 0, N, 0);
         return;
     }
     n = hi - lo;
@@ -495,43 +630,54 @@ FM_INLINE void fm_row_body_f16(const fm_row_args *a, const char *x, char *o, con
     kp = fm_keep_row(a, k, lo, n, scratch);
     if (a->has_bias) bp = fm_bias_row_f32(a, b, lo, n, scratch);
 #if FM_X86_MV
-    if (f16c && a->x_stride == 2) {
+    if (!bf16 && hw && a->x_stride == 2) {
         fm_h2f_f16c((const uint16_t *)x + lo, xb, n, a->pf_dist);
     } else
 #endif
     if (a->x_stride == 2) {
         const uint16_t *xp = (const uint16_t *)x + lo;
         const fm_ssize nfull = n - n % 32;
-        for (i = 0; i < nfull; i += 32) { /* 64 bytes of float16 per step */
+        for (i = 0; i < nfull; i += 32) { /* 64 bytes of 16-bit values per step */
             FM_PREFETCH_AT(xp + i, a->pf_dist);
-            for (l = 0; l < 32; l++) xb[i + l] = fm_half_to_float(xp[i + l]);
+            for (l = 0; l < 32; l++) xb[i + l] = fm_u16_to_float(xp[i + l], bf16);
         }
-        for (; i < n; i++) xb[i] = fm_half_to_float(xp[i]);
+        for (; i < n; i++) xb[i] = fm_u16_to_float(xp[i], bf16);
     } else {
         const char *xp = x + lo * a->x_stride;
         const fm_ssize xs = a->x_stride;
-        for (i = 0; i < n; i++) xb[i] = fm_half_to_float(*(const uint16_t *)(xp + i * xs));
+        for (i = 0; i < n; i++) xb[i] = fm_u16_to_float(*(const uint16_t *)(xp + i * xs), bf16);
     }
-    st = fm_core_dispatch_f32(xb, kp, bp, (float)a->scale, n, e, &inv, 0);
+    st = fm_core_dispatch_f32(xb, kp, bp, a->scale, n, e, &inv, 0);
     if (st != FM_ROW_OK) {
-        fm_fill_f16(o, a->out_stride, 0, N, st == FM_ROW_NAN ? 0x7e00u : 0u);
+        /* a constant pattern per type (a selected one makes gcc lay out the whole
+         * float16 row differently from the float16-only code it replaces) */
+        if (bf16)
+            fm_fill_u16(o, a->out_stride, 0, N, st == FM_ROW_NAN ? FM_BF16_NAN : 0u);
+        else
+            fm_fill_u16(o, a->out_stride, 0, N, st == FM_ROW_NAN ? 0x7e00u : 0u);
         return;
     }
 #if FM_X86_MV
-    if (f16c && a->out_stride == 2) {
+    if (!bf16 && hw && a->out_stride == 2) {
         fm_f2h_f16c(e, inv, (uint16_t *)o + lo, n);
+    } else
+#endif
+#if FM_BF16_NATIVE
+    if (bf16 && hw && a->out_stride == 2) {
+        fm_f2bf_native(e, inv, (uint16_t *)o + lo, n);
     } else
 #endif
     if (a->out_stride == 2) {
         uint16_t *op = (uint16_t *)o + lo;
-        for (i = 0; i < n; i++) op[i] = fm_float_to_half(e[i] * inv);
+        for (i = 0; i < n; i++) op[i] = fm_float_to_u16(e[i] * inv, bf16);
     } else {
         char *op = o + lo * a->out_stride;
         const fm_ssize os = a->out_stride;
-        for (i = 0; i < n; i++) *(uint16_t *)(op + i * os) = fm_float_to_half(e[i] * inv);
+        for (i = 0; i < n; i++)
+            *(uint16_t *)(op + i * os) = fm_float_to_u16(e[i] * inv, bf16);
     }
-    fm_fill_f16(o, a->out_stride, 0, lo, 0);
-    fm_fill_f16(o, a->out_stride, hi, N, 0);
+    fm_fill_u16(o, a->out_stride, 0, lo, 0);
+    fm_fill_u16(o, a->out_stride, hi, N, 0);
 }
 
 /* ----------------------------------------------------------- ISA variants, dispatch */
@@ -550,10 +696,16 @@ typedef void (*fm_map_f64_fn)(const double *in, double *out, fm_ssize n);
 typedef void (*fm_h2f_fn)(const uint16_t *in, float *out, fm_ssize n);
 typedef void (*fm_f2h_fn)(const float *in, uint16_t *out, fm_ssize n);
 
-#define FM_DEFINE_ISA(isa, attr, f16c)                                                   \
+/* bf16hw: the variant may convert to bfloat16 with VCVTNEPS2BF16 (when
+ * fm_bf16_native_on says the CPU has it and tests have not turned it off). */
+#define FM_DEFINE_ISA(isa, attr, f16c, bf16hw)                                           \
     static attr void fm_row_f16_##isa(FM_ROW_PARAMS)                                     \
     {                                                                                    \
-        fm_row_body_f16(FM_ROW_ARGS, f16c);                                              \
+        fm_row_body_u16(FM_ROW_ARGS, 0, f16c);                                           \
+    }                                                                                    \
+    static attr void fm_row_bf16_##isa(FM_ROW_PARAMS)                                    \
+    {                                                                                    \
+        fm_row_body_u16(FM_ROW_ARGS, 1, FM_BF16_HW(bf16hw));                             \
     }                                                                                    \
     static attr void fm_row_f32_##isa(FM_ROW_PARAMS) { fm_row_body_f32(FM_ROW_ARGS); }   \
     static attr void fm_row_f64_##isa(FM_ROW_PARAMS) { fm_row_body_f64(FM_ROW_ARGS); }   \
@@ -578,6 +730,17 @@ typedef void (*fm_f2h_fn)(const float *in, uint16_t *out, fm_ssize n);
         fm_ssize i;                                                                      \
         FM_IF_F16C(f16c, fm_f2h_f16c(in, 1.0f, out, n); return;)                         \
         for (i = 0; i < n; i++) out[i] = fm_float_to_half(in[i]);                        \
+    }                                                                                    \
+    static attr void fm_bf2f_map_##isa(const uint16_t *in, float *out, fm_ssize n)      \
+    {                                                                                    \
+        fm_ssize i;                                                                      \
+        for (i = 0; i < n; i++) out[i] = fm_bf16_to_float(in[i]);                        \
+    }                                                                                    \
+    static attr void fm_f2bf_map_##isa(const float *in, uint16_t *out, fm_ssize n)      \
+    {                                                                                    \
+        fm_ssize i;                                                                      \
+        FM_IF_BF16HW(bf16hw, fm_f2bf_native(in, 1.0f, out, n); return;)                 \
+        for (i = 0; i < n; i++) out[i] = fm_float_to_bf16(in[i]);                        \
     }
 
 #if FM_X86_MV
@@ -585,12 +748,19 @@ typedef void (*fm_f2h_fn)(const float *in, uint16_t *out, fm_ssize n);
 #else
 #define FM_IF_F16C(flag, stmts)
 #endif
+#if FM_BF16_NATIVE
+#define FM_BF16_HW(flag) ((flag) && fm_bf16_native_on)
+#define FM_IF_BF16HW(flag, stmts) if (FM_BF16_HW(flag)) { stmts }
+#else
+#define FM_BF16_HW(flag) 0
+#define FM_IF_BF16HW(flag, stmts)
+#endif
 
 #define FM_NO_ATTR
-FM_DEFINE_ISA(generic, FM_NO_ATTR, 0)
+FM_DEFINE_ISA(generic, FM_NO_ATTR, 0, 0)
 #if FM_X86_MV
-FM_DEFINE_ISA(avx2, FM_TARGET_AVX2, 1)
-FM_DEFINE_ISA(avx512, FM_TARGET_AVX512, 1)
+FM_DEFINE_ISA(avx2, FM_TARGET_AVX2, 1, 0)
+FM_DEFINE_ISA(avx512, FM_TARGET_AVX512, 1, 1)
 
 /*
  * Short float32 rows (N <= 64: W4-sized attention heads, 64-token windows) with
@@ -683,7 +853,7 @@ static FM_TARGET_AVX512 void fm_row_f32_avx512_stream(FM_ROW_PARAMS)
     FM_CHECK_SPAN(o, 4, 0, N, 4, a->o_lo, a->o_hi);
     kp = fm_keep_row(a, k, lo, n, scratch);
     if (a->has_bias) bp = fm_bias_row_f32(a, b, lo, n, scratch);
-    if (fm_core_dispatch_f32((const float *)x + lo, kp, bp, (float)a->scale, n, e, &inv,
+    if (fm_core_dispatch_f32((const float *)x + lo, kp, bp, a->scale, n, e, &inv,
                              a->pf_dist) != FM_ROW_OK) {
         fm_row_f32_avx512(FM_ROW_ARGS);
         return;
@@ -725,8 +895,11 @@ static FM_TARGET_AVX512 void fm_row_f32_avx512_short(FM_ROW_PARAMS)
         acc = _mm512_max_ps(z[v], acc); /* a NaN in z[v] yields acc: ignored, as FM_MAX */
     }
     m = _mm512_reduce_max_ps(acc);
-    /* Nothing kept, a kept +-inf or NaN, or |m| >= 2^24 (fm_z_to_memory): the general row */
-    if (!(m > -16777216.0f) || !(m < 16777216.0f)) {
+    /* Nothing kept, a kept +-inf or NaN, or |m| >= 64: the general row. Here z = x * scale
+     * is rounded before m is subtracted, an error of |z| * 2^-24 in exp's argument, which
+     * the contract's 1e-5 allows only while |z| stays below ~100; the general row fuses
+     * the product with the subtraction (and stages |m| >= 2^24 in double). */
+    if (!(m > -64.0f) || !(m < 64.0f)) {
         fm_row_f32_avx512(FM_ROW_ARGS);
         return;
     }
@@ -780,8 +953,7 @@ static FM_TARGET_AVX512 void fm_row2_f32_avx512_short(const fm_row_args *a, cons
     }
     m0 = _mm512_reduce_max_ps(acc0);
     m1 = _mm512_reduce_max_ps(acc1);
-    if (!(m0 > -16777216.0f) || !(m0 < 16777216.0f) || !(m1 > -16777216.0f) ||
-        !(m1 < 16777216.0f))
+    if (!(m0 > -64.0f) || !(m0 < 64.0f) || !(m1 > -64.0f) || !(m1 < 64.0f))
         goto one_by_one; /* as in fm_row_f32_avx512_short */
     for (v = 0; v < 4; v++) {
         z0[v] = fm_exp16_f32(_mm512_sub_ps(z0[v], _mm512_set1_ps(m0)));
@@ -814,18 +986,20 @@ typedef void (*fm_row2_fn)(const fm_row_args *a, const char *x0, char *o0, fm_ss
 
 typedef struct {
     const char *name;
-    fm_row_fn row[3]; /* float16, float32, float64 */
+    fm_row_fn row[4]; /* by dtype code: float16, float32, float64, bfloat16 */
     fm_map_f32_fn exp_f32;
     fm_map_f64_fn exp_f64;
     fm_h2f_fn h2f;
     fm_f2h_fn f2h;
+    fm_h2f_fn bf2f;
+    fm_f2h_fn f2bf;
 } fm_isa_t;
 
 #define FM_ISA_ENTRY(isa)                                                                \
     {                                                                                    \
-        #isa, {fm_row_f16_##isa, fm_row_f32_##isa, fm_row_f64_##isa},                    \
+        #isa, {fm_row_f16_##isa, fm_row_f32_##isa, fm_row_f64_##isa, fm_row_bf16_##isa}, \
             fm_exp_map_f32_##isa, fm_exp_map_f64_##isa, fm_h2f_map_##isa,                \
-            fm_f2h_map_##isa                                                             \
+            fm_f2h_map_##isa, fm_bf2f_map_##isa, fm_f2bf_map_##isa                       \
     }
 
 static const fm_isa_t fm_isas[] = {
@@ -833,8 +1007,10 @@ static const fm_isa_t fm_isas[] = {
 #if FM_X86_MV
     FM_ISA_ENTRY(avx2),
     /* the AVX-512 variant's float32 rows try the short-row path first */
-    {"avx512", {fm_row_f16_avx512, fm_row_f32_avx512_short, fm_row_f64_avx512},
-     fm_exp_map_f32_avx512, fm_exp_map_f64_avx512, fm_h2f_map_avx512, fm_f2h_map_avx512},
+    {"avx512",
+     {fm_row_f16_avx512, fm_row_f32_avx512_short, fm_row_f64_avx512, fm_row_bf16_avx512},
+     fm_exp_map_f32_avx512, fm_exp_map_f64_avx512, fm_h2f_map_avx512, fm_f2h_map_avx512,
+     fm_bf2f_map_avx512, fm_f2bf_map_avx512},
 #endif
 };
 
@@ -867,6 +1043,16 @@ static FM_UNUSED int fm_isa_supported(int i)
     return 0;
 }
 
+/* Whether the variant in use, on this CPU, would convert to bfloat16 natively. */
+static int fm_bf16_native_possible(void)
+{
+#if FM_BF16_NATIVE
+    return strcmp(fm_isas[fm_isa_index].name, "avx512") == 0 && fm_cpu_has_avx512bf16();
+#else
+    return 0;
+#endif
+}
+
 /* Select variant i (-1: the best supported). Returns the index in use. */
 static FM_UNUSED int fm_isa_select(int i)
 {
@@ -877,13 +1063,25 @@ static FM_UNUSED int fm_isa_select(int i)
         return -1;
     }
     fm_isa_index = i;
+    fm_bf16_native_on = fm_bf16_native_allowed && fm_bf16_native_possible();
     return i;
 }
+
+/* Allow (1) or forbid (0) VCVTNEPS2BF16 (tests compare both conversions on one CPU);
+ * returns whether the variant in use now converts natively. */
+static FM_UNUSED int fm_bf16_allow_native(int allow)
+{
+    fm_bf16_native_allowed = allow != 0;
+    fm_bf16_native_on = fm_bf16_native_allowed && fm_bf16_native_possible();
+    return fm_bf16_native_on;
+}
+
+static FM_UNUSED int fm_bf16_native(void) { return fm_bf16_native_on; }
 
 static FM_UNUSED int fm_isa_current(void) { return fm_isa_index; }
 static FM_UNUSED const fm_isa_t *fm_isa(void) { return &fm_isas[fm_isa_index]; }
 
-/* Row function for dtype code 0 = float16, 1 = float32, 2 = float64. */
+/* Row function for dtype code 0 = float16, 1 = float32, 2 = float64, 3 = bfloat16. */
 static FM_UNUSED fm_row_fn fm_row_for(int dtype_code) { return fm_isas[fm_isa_index].row[dtype_code]; }
 
 /* Can this call's float32 rows use streaming stores (the AVX-512 variant only)? */
@@ -956,6 +1154,22 @@ FM_INLINE FM_T FM_FN(fm_reduce_max)(FM_T *acc)
     return acc[0];
 }
 
+/* max |src[i]| over n keys (NaN ignored), in whole blocks plus a scalar tail. */
+FM_INLINE FM_T FM_FN(fm_abs_max)(const FM_T *src, fm_ssize n)
+{
+    FM_T acc[FM_LANES], r;
+    fm_ssize i;
+    int l;
+    for (l = 0; l < FM_LANES; l++) acc[l] = 0;
+    for (i = 0; i + FM_LANES <= n; i += FM_LANES) {
+        FM_NO_UNROLL
+        for (l = 0; l < FM_LANES; l++) acc[l] = FM_MAX(acc[l], FM_MAX(src[i + l], -src[i + l]));
+    }
+    r = FM_FN(fm_reduce_max)(acc);
+    for (; i < n; i++) r = FM_MAX(r, FM_MAX(src[i], -src[i]));
+    return r;
+}
+
 FM_INLINE double FM_FN(fm_reduce_sum)(FM_T *acc)
 {
     int l;
@@ -978,29 +1192,69 @@ FM_INLINE double FM_FN(fm_reduce_sum)(FM_T *acc)
  * max's own rounding error, a shift that cancels in the normalisation while it is
  * small. Once |m| reaches 2^(mantissa bits) that error can exceed the range of exp
  * (float32 1e20 * 0.1 is off by ~1e12: exp gives inf or 0, the row NaN or empty), so
- * such rows (rare; not with a bias) store z - max into e, computed in double: exact
- * products for float32, which keeps near-ties at any magnitude and a product that
- * overflows float32 (m = +inf from finite logits) finite; for float64 the reference's
- * own rounding. keep (or NULL) masks keys out. *m becomes 0. Returns whether it did.
+ * such rows (rare; not with a bias) store z - max into e, computed in double with the
+ * call's double scale, as the float64 reference forms z: near-ties keep their weights
+ * at any magnitude, and products that overflow float32 (m = +-inf from finite logits;
+ * m = -inf also for a row with nothing kept, told apart here) stay finite; for float64
+ * the reference's own rounding. keep (or NULL) masks keys out. *m becomes 0. Returns
+ * whether it did.
  */
 FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, const unsigned char *keep,
-                                     FM_T scale, fm_ssize n, FM_T *e, FM_T *m)
+                                     double scale, fm_ssize n, FM_T *e, FM_T *m)
 {
     fm_ssize i;
     double md = -HUGE_VAL;
-    if (!(*m > FM_NEG_INF) || FM_MAX(*m, -*m) < FM_Z_FUSED_MAX)
-        return 0;
+    if (*m > FM_NEG_INF ? FM_MAX(*m, -*m) < FM_Z_FUSED_MAX : !(FM_MAX(scale, -scale) > 1.0))
+        return 0; /* m = -inf with |scale| > 1: maybe every kept product overflowed */
     for (i = 0; i < n; i++) {
-        const double z = keep != NULL && !keep[i] ? -HUGE_VAL : (double)src[i] * (double)scale;
+        const double z = keep != NULL && !keep[i] ? -HUGE_VAL : (double)src[i] * scale;
         e[i] = (FM_T)z;
         md = z > md ? z : md; /* NaN ignored, as in pass 1 */
     }
+    if (!(md > -HUGE_VAL)) return 0; /* nothing finite kept after all */
     if (sizeof(FM_T) == sizeof(double)) /* from memory: a product fused with the */
         for (i = 0; i < n; i++) e[i] = (FM_T)(e[i] - md); /* subtraction is unrounded */
-    else /* float32: the products are exact in double, fused or not */
+    else /* float32: the products in double, with the reference's double scale */
         for (i = 0; i < n; i++)
             e[i] = keep != NULL && !keep[i] ? FM_NEG_INF
-                                            : (FM_T)((double)src[i] * (double)scale - md);
+                                            : (FM_T)((double)src[i] * scale - md);
+    *m = 0;
+    return 1;
+}
+
+/*
+ * A float32 row with a bias whose logits are large (|x * scale| >= FM_Z_BIAS_STAGE), or
+ * whose max z is beyond the offset form's reach (|m| >= FM_Z_OFFSET_MAX, or overflowed
+ * to +-inf from finite terms): fm_exp_offset rounds (bias - m) on its own, an error of
+ * |bias - m| * 2^-24 per key, and for the keys that matter |bias - m| is about
+ * |x * scale| (a bias that cancels large logits, or large logits beside a small bias;
+ * at 1e3 that is already 2x the contract's 1e-5). Such rows store z - max into e from
+ * z = x * scale + bias formed in double, the float64 reference's own arithmetic (with
+ * the call's double scale: float32's rounded scale would be off by (x_i - x_j) * scale
+ * * 2^-24 between keys whose logits the bias brings together). keep (or NULL) masks keys out; amax is max |x| over the
+ * row. *m becomes 0. Returns whether it did; not for float64 (its own rounding is the
+ * reference's) nor when nothing kept is finite in double.
+ */
+FM_INLINE int FM_FN(fm_bias_z_to_memory)(const FM_T *src, const unsigned char *keep,
+                                          const FM_T *bias, double scale, fm_ssize n, FM_T *e,
+                                          FM_T *m, FM_T amax)
+{
+    fm_ssize i;
+    double md = -HUGE_VAL;
+    if (sizeof(FM_T) == sizeof(double)) return 0;
+    if ((double)amax * FM_MAX(scale, -scale) < FM_Z_BIAS_STAGE &&
+        FM_MAX(*m, -*m) < FM_Z_OFFSET_MAX)
+        return 0;
+    for (i = 0; i < n; i++) {
+        const double z = keep != NULL && !keep[i] ? -HUGE_VAL
+                                                  : (double)src[i] * (double)scale + (double)bias[i];
+        md = z > md ? z : md; /* NaN ignored, as in pass 1 */
+    }
+    if (!(md > -HUGE_VAL)) return 0; /* nothing finite kept: the caller's zero / NaN scan */
+    for (i = 0; i < n; i++)
+        e[i] = keep != NULL && !keep[i]
+                   ? FM_NEG_INF
+                   : (FM_T)((double)src[i] * (double)scale + (double)bias[i] - md);
     *m = 0;
     return 1;
 }
@@ -1039,12 +1293,13 @@ FM_INLINE FM_T FM_FN(fm_exp_offset)(FM_T x, FM_T scale, FM_T b, FM_T m, FM_T z)
  * makes compilers pick narrower vectors).
  */
 FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT keep,
-                             const FM_T *FM_RESTRICT bias, FM_T scale, fm_ssize n,
+                             const FM_T *FM_RESTRICT bias, FM_T scale, double sd, fm_ssize n,
                              FM_T *FM_RESTRICT e, FM_T *inv, fm_ssize pf, const int hk,
                              const int hb)
 {
     const int zmap = hk || hb;
     int zread = zmap; /* pass 2 reads z from e (else recomputes x * scale) */
+    int staged = 0;   /* e holds z - max, from double (fm_z_to_memory and its bias form) */
     const fm_ssize nfull = n - n % FM_LANES;
     const int rem = (int)(n - nfull);
     FM_T acc[FM_LANES];
@@ -1073,10 +1328,12 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
             const FM_T z = zmap ? e[i] : src[i] * scale;
             m = FM_MAX(m, z);
         }
-        if (!hb && FM_FN(fm_z_to_memory)(src, hk ? keep : NULL, scale, n, e, &m))
-            zread = 1;
+        if (hb ? FM_FN(fm_bias_z_to_memory)(src, hk ? keep : NULL, bias, sd, n, e, &m,
+                                            FM_FN(fm_abs_max)(src, n))
+               : FM_FN(fm_z_to_memory)(src, hk ? keep : NULL, sd, n, e, &m))
+            zread = 1, staged = 1;
         if (m > FM_NEG_INF) {
-            const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
+            const int offset = hb && !staged && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (i = 0; i < n; i++) {
                 const FM_T z = zread ? e[i] : src[i] * scale;
                 e[i] = offset ? FM_FN(fm_exp_offset)(src[i], scale, bias[i], m, z)
@@ -1111,10 +1368,12 @@ FM_INLINE int FM_FN(fm_core)(const FM_T *src, const unsigned char *FM_RESTRICT k
         /* Pass 2: e = exp(z - m) (exactly 0 where masked: exp(-inf)), summed in blocks
          * of FM_BLOCK keys while they are in L1; each lane sums at most
          * FM_BLOCK / FM_LANES terms before the block total joins a double. */
-        if (!hb && FM_FN(fm_z_to_memory)(src, hk ? keep : NULL, scale, n, e, &m))
-            zread = 1;
+        if (hb ? FM_FN(fm_bias_z_to_memory)(src, hk ? keep : NULL, bias, sd, n, e, &m,
+                                            FM_FN(fm_abs_max)(src, n))
+               : FM_FN(fm_z_to_memory)(src, hk ? keep : NULL, sd, n, e, &m))
+            zread = 1, staged = 1;
         if (m > FM_NEG_INF) {
-            const int offset = hb && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
+            const int offset = hb && !staged && FM_MAX(m, -m) < FM_Z_OFFSET_MAX;
             for (start = 0; start < nfull; start += FM_BLOCK) {
                 const fm_ssize end = nfull - start > FM_BLOCK ? start + FM_BLOCK : nfull;
                 if (offset)
@@ -1183,15 +1442,20 @@ FM_INLINE void FM_FN(fm_scale_out)(FM_T *FM_RESTRICT dst, const FM_T *FM_RESTRIC
 
 /* fm_core with the keep / bias cases as compile-time constants. */
 FM_INLINE int FM_FN(fm_core_dispatch)(const FM_T *src, const unsigned char *FM_RESTRICT keep,
-                                      const FM_T *FM_RESTRICT bias, FM_T scale, fm_ssize n,
+                                      const FM_T *FM_RESTRICT bias, double scale, fm_ssize n,
                                       FM_T *FM_RESTRICT e, FM_T *inv, fm_ssize pf)
 {
+    /* The staging paths form products in double from the scale rounded to FM_T: exact
+     * for float32, so a fused and an unfused evaluation agree to the bit (a double
+     * scale would make them differ by a rounding of |z|, beyond exp's range at 1e18). */
+    const FM_T sc = (FM_T)scale;
+    scale = (double)sc;
     if (keep) {
-        if (bias) return FM_FN(fm_core)(src, keep, bias, scale, n, e, inv, pf, 1, 1);
-        return FM_FN(fm_core)(src, keep, NULL, scale, n, e, inv, pf, 1, 0);
+        if (bias) return FM_FN(fm_core)(src, keep, bias, sc, scale, n, e, inv, pf, 1, 1);
+        return FM_FN(fm_core)(src, keep, NULL, sc, scale, n, e, inv, pf, 1, 0);
     }
-    if (bias) return FM_FN(fm_core)(src, NULL, bias, scale, n, e, inv, pf, 0, 1);
-    return FM_FN(fm_core)(src, NULL, NULL, scale, n, e, inv, pf, 0, 0);
+    if (bias) return FM_FN(fm_core)(src, NULL, bias, sc, scale, n, e, inv, pf, 0, 1);
+    return FM_FN(fm_core)(src, NULL, NULL, sc, scale, n, e, inv, pf, 0, 0);
 }
 
 /* Bias for [lo, lo + n) as a contiguous array, gathered when not unit-stride. */
@@ -1274,7 +1538,7 @@ FM_INLINE void FM_FN(fm_row_body)(const fm_row_args *a, const char *x, char *o, 
         src = xb;
     }
 
-    st = FM_FN(fm_core_dispatch)(src, kp, bp, (FM_T)a->scale, n, e, &inv, pf);
+    st = FM_FN(fm_core_dispatch)(src, kp, bp, a->scale, n, e, &inv, pf);
     if (st != FM_ROW_OK) {
         FM_FN(fm_fill)(o, a->out_stride, 0, N, st == FM_ROW_NAN ? FM_FN(fm_quiet_nan)() : 0);
         return;

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import device, router
+from .dtypes import is_bfloat16, to_torch_bfloat16
 from .masks import MaskStrategy
 from .request import build_softmax_requests
 from .threads import get_num_threads
@@ -20,8 +21,9 @@ def _like(x: Any, result: np.ndarray) -> Any:
     if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack__"):
         return result
     if type(x).__module__.split(".")[0] == "torch":
-        torch = sys.modules["torch"]
-        return torch.from_numpy(result)
+        if is_bfloat16(result.dtype):
+            return to_torch_bfloat16(result)
+        return sys.modules["torch"].from_numpy(result)
     return result
 
 
@@ -40,9 +42,10 @@ def masked_softmax(
     Parameters
     ----------
     x : array_like
-        Logits, float16, float32 or float64 (NumPy arrays, or anything exposing
+        Logits, float16, bfloat16 (``ml_dtypes.bfloat16``, ``torch.bfloat16``),
+        float32 or float64 (NumPy arrays, or anything exposing
         ``__array__``/``__dlpack__`` on the CPU, e.g. a torch CPU tensor, viewed
-        without a copy). float16 is computed in float32.
+        without a copy). float16 and bfloat16 are computed in float32.
     mask : bool array or MaskStrategy, optional
         A boolean array broadcastable to ``x`` where **True = keep (attend)**, or a
         strategy from :mod:`fastmask.masks` (``padding``, ``causal``, ``keep``,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ def attention(
     Parameters
     ----------
     q : array_like, shape (..., Lq, D)
-        Queries; float16, float32 or float64 (NumPy arrays or CPU tensors; or device
+        Queries; float16, bfloat16, float32 or float64 (NumPy arrays or CPU tensors; or device
         arrays exposing ``__cuda_array_interface__``, with the fastmask-cuda plugin:
         then k and v must be device arrays too, and the results are device arrays).
     k : array_like, shape (..., Lk, D)
@@ -57,7 +58,7 @@ def attention(
     Returns
     -------
     out : ndarray, shape (..., Lq, Dv)
-        In the inputs' dtype (float16 is computed in float32). A query with no kept
+        In the inputs' dtype (float16 and bfloat16 are computed in float32). A query with no kept
         key gets a zero row.
     weights : ndarray, shape (..., Lq, Lk)
         Only with ``return_weights=True``: equal to ``masked_softmax`` of the scaled
@@ -116,6 +117,34 @@ def attention(
     if return_weights:
         return _like(q, out), _like(q, weights)
     return _like(q, out)
+
+
+def _attention_into(
+    out: np.ndarray, q: Any, k: Any, v: Any, mask: Any = None, *, bias: Any = None,
+    scale: float | None = None,
+) -> np.ndarray:  # fmt: skip
+    """:func:`attention` written into ``out``, a 4-D array of the output's shape and dtype.
+
+    For integrations that own the output buffer (``fastmask.integrations.torch_ops``
+    writes through a transposed view of the ``(B, Lq, H, Dv)`` tensor the framework
+    wants, so no copy follows). ``out`` may have any strides with a unit-stride last
+    axis; the engine checks that it overlaps no input.
+    """
+    requests, own, _ = build_attention_requests(q, k, v, mask, bias=bias, scale=scale, zeroed=False)
+    if out.shape != own.shape or out.dtype != own.dtype:
+        raise ValueError(
+            f"out must have the output's shape {own.shape} and dtype {own.dtype}; "
+            f"got {out.shape} {out.dtype}"
+        )
+    if len(requests) != 1 or requests[0].out4.shape != out.shape or not requests[0].size:
+        out[...] = attention(q, k, v, mask, bias=bias, scale=scale)  # rare: not one 4-D request
+        return out
+    request = dataclasses.replace(requests[0], out4=out)
+    chosen = router.choose(request)
+    if not chosen.fills_output(request):
+        out[...] = 0
+    router.run(chosen, request)
+    return out
 
 
 def _summary(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: Any, rw: bool) -> str:

@@ -32,13 +32,13 @@ from .masks.base import MaskPlan, canonical_dims
 from .masks.custom import prepare as prepare_user_functions
 from .masks.dense import DenseMask
 from .request import (
-    _COMPUTE,
     _bounds4,
     _check_float,
     _fold,
     _mask_key,
     as_array,
     check_scale,
+    compute_dtype,
     mask_dtype_error,
 )
 from .threads import get_num_threads
@@ -107,7 +107,7 @@ class AttentionRequest(AttentionSizes):
     h0 : int
         Global index of this request's first head (non-zero only for split calls).
     compute_dtype : dtype
-        float32 for float16/float32 inputs, float64 for float64.
+        float32 for float16/bfloat16/float32 inputs, float64 for float64.
     strategy : MaskStrategy or None
         The user's mask strategy.
     key : tuple
@@ -319,7 +319,7 @@ def build_attention_requests(
     va = _check_float(as_array(v, "v"), "v", hint)
     batch, group, hk, lq, d, lk, dv, s = attention_dims(qa, ka, va, scale, return_weights)
     dtype = qa.dtype
-    cdt = _COMPUTE[dtype]
+    cdt = compute_dtype(dtype)
 
     scores_shape = (*batch, lq, lk)
     strategy = _strategy(mask)
@@ -346,7 +346,7 @@ def build_attention_requests(
                 f"{scores_shape} (q @ k^T: batch + (Lq, Lk))"
             ) from None
 
-    # Operands in the compute dtype (float16 is converted once, before broadcasting).
+    # Operands in the compute dtype (float16/bfloat16 are converted once, before broadcasting).
     qc = qa.astype(cdt, copy=False)
     kc = ka.astype(cdt, copy=False)
     vc = va.astype(cdt, copy=False)

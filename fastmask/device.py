@@ -46,7 +46,6 @@ from .masks import MaskStrategy
 from .masks.base import canonical_dims
 from .masks.dense import DenseMask
 from .request import (
-    _COMPUTE,
     FLOAT_DTYPES,
     Rows4D,
     _bounds4,
@@ -54,6 +53,7 @@ from .request import (
     _mask_key,
     as_array,
     check_scale,
+    compute_dtype,
     device_array_error,
     mask_dtype_error,
     softmax_axis,
@@ -340,7 +340,10 @@ class DeviceCall:
 
 def check_device_float(s: Strided, what: str, hint: str) -> None:
     if s.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what} must be float16, float32 or float64; got {s.dtype}. {hint}")
+        raise TypeError(
+            f"{what} must be float16, float32 or float64 on a device; got {s.dtype}. {hint}"
+            + (" (bfloat16 runs on the host only, for now)" if "bfloat16" in str(s.dtype) else "")
+        )
 
 
 def _overlaps(a: Strided, b: Strided) -> bool:
@@ -450,7 +453,7 @@ def prepare(
         keep = host_operand(plan.keep).broadcast_to(shape)
         keep_where = "host"
 
-    cdt = _COMPUTE[xs.dtype]
+    cdt = compute_dtype(xs.dtype)
     bs = bias_operand(bias, shape, cdt, "x's")
 
     os_: Strided | None = None

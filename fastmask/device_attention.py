@@ -33,8 +33,8 @@ from .device import (
 from .masks import MaskStrategy
 from .masks.base import canonical_dims
 from .request import (
-    _COMPUTE,
     _mask_key,
+    compute_dtype,
 )
 
 __all__ = [
@@ -198,7 +198,7 @@ def prepare_attention(
         if not st.dtype.isnative:
             raise TypeError(f"{name} is a non-native byte order device array ({st.dtype})")
     batch, group, hk, lq, d, lk, dv, s = attention_dims(qs, ks, vs, scale, return_weights)
-    cdt = _COMPUTE[qs.dtype]
+    cdt = compute_dtype(qs.dtype)
 
     scores_shape = (*batch, lq, lk)
     target = "the scores'"

@@ -15,27 +15,23 @@ from typing import Any
 
 import numpy as np
 
+from . import dtypes as _dtypes
 from . import outputs
+from .dtypes import ACCEPTED, FLOAT16, FLOAT32, FLOAT64, compute_dtype, is_float
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
 from .masks.custom import prepare as prepare_user_functions
 from .masks.dense import DenseMask
 from .threads import get_num_threads
 
-__all__ = ["SoftmaxRequest", "as_array", "build_softmax_requests"]
+__all__ = ["SoftmaxRequest", "as_array", "build_softmax_requests", "compute_dtype"]
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_F16, _F32, _F64 = FLOAT_DTYPES
-_COMPUTE = {_F16: _F32, _F32: _F32, _F64: _F64}
+#: The dtypes device arrays may have (bfloat16 is host-only for now).
+FLOAT_DTYPES = (FLOAT16, FLOAT32, FLOAT64)
 
 #: What the dtype errors of the logits and of a bias suggest (host, device and Dask calls).
 LOGITS_HINT = "Convert first, e.g. x.astype(numpy.float32)."
 BIAS_HINT = "Pass an additive float mask (e.g. -inf or -1e9 at masked positions)."
-
-
-def compute_dtype(dtype: Any) -> np.dtype:
-    """The dtype kernels compute in for ``dtype`` logits: float32, or float64 for float64."""
-    return _COMPUTE[np.dtype(dtype)]
 
 
 class Rows4D:
@@ -79,7 +75,7 @@ class SoftmaxRequest(Rows4D):
     h0 : int
         Global index of this request's first head (non-zero only for split calls).
     compute_dtype : dtype
-        float32 for float16/float32 logits, float64 for float64.
+        float32 for float16/bfloat16/float32 logits, float64 for float64.
     strategy : MaskStrategy or None
         The user's mask strategy (for backends that evaluate strategies themselves).
     key : tuple
@@ -119,6 +115,14 @@ def as_array(obj: Any, what: str) -> np.ndarray:
         return obj
     if hasattr(obj, "__cuda_array_interface__"):
         raise device_array_error(what)
+    bits = _dtypes.from_torch_bfloat16(obj)
+    if bits is not None:  # NumPy has no bfloat16 of its own: view the bits as ml_dtypes'
+        if obj.requires_grad:  # the int16 view would drop it silently
+            raise TypeError(
+                f"{what} could not be viewed as a NumPy array: it is a tensor that requires "
+                "grad; fastmask is for inference: pass x.detach()"
+            )
+        return as_array(bits, what).view(_dtypes.bfloat16())
     try:
         if hasattr(obj, "__array__"):
             return np.asarray(obj)
@@ -127,17 +131,17 @@ def as_array(obj: Any, what: str) -> np.ndarray:
         return np.asarray(obj)
     except (RuntimeError, BufferError) as exc:
         raise TypeError(f"{what} could not be viewed as a NumPy array: {exc}") from exc
-    except TypeError as exc:  # e.g. a bfloat16 torch tensor: NumPy has no such dtype
+    except TypeError as exc:  # e.g. a torch dtype NumPy has no counterpart for
         raise TypeError(
-            f"{what} could not be viewed as a NumPy array ({exc}); fastmask takes float16, "
-            "float32 or float64: convert first, e.g. x.float() for a torch tensor"
+            f"{what} could not be viewed as a NumPy array ({exc}); fastmask takes {ACCEPTED}: "
+            "convert first, e.g. x.float() for a torch tensor"
         ) from exc
 
 
-def float_dtype_error(dtype: Any, what: str, hint: str) -> TypeError:
-    """The error for an operand that is not float16, float32 or float64 (shared with device
-    and Dask calls)."""
-    return TypeError(f"{what} must be float16, float32 or float64; got {dtype}. {hint}")
+def float_dtype_error(dtype: Any, what: str, hint: str, accepted: str = ACCEPTED) -> TypeError:
+    """The error for an operand of a dtype fastmask does not compute with (shared with
+    device and Dask calls)."""
+    return TypeError(f"{what} must be {accepted}; got {dtype}. {hint}")
 
 
 def ndim_error(what: str, ndim: int, whose: str, nd: int) -> ValueError:
@@ -152,7 +156,7 @@ def broadcast_error(what: str, shape: tuple, whose: str, target: tuple) -> Value
 
 def _check_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
     dt = a.dtype
-    if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
+    if not (dt.kind == "f" and dt.itemsize in (2, 4, 8)) and not is_float(dt):
         raise float_dtype_error(dt, what, hint)
     if not dt.isnative:
         a = a.astype(dt.newbyteorder("="))
@@ -382,7 +386,7 @@ def build_softmax_requests(
         raise structured_axis_error(strategy, axis)
     plan, bounds = _plan(strategy, xa.shape)
 
-    cdt = _COMPUTE[xa.dtype]
+    cdt = compute_dtype(xa.dtype)
     user_fns = prepare_user_functions(plan, cdt)  # (predicate, score), compiled
     operands: list[np.ndarray | None] = [xa, None, None, None]  # x, out, keep, bias
     if plan is not None and plan.keep is not None:

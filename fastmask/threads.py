@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import warnings
 
 __all__ = [
@@ -39,14 +40,34 @@ def available_cpus() -> int:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        n = min(n, quota)
+    return max(1, n)
+
+
+_quota: tuple[float, int | None] = (-1.0, None)  # (when read, CPUs of the quota)
+#: The cgroup quota is re-read at most this often (routing asks on every new call
+#: shape; opening the file costs more than the rest of an estimate).
+_QUOTA_TTL_S = 1.0
+
+
+def _cgroup_cpus() -> int | None:
+    """CPUs of the cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``), None without one."""
+    global _quota
+    now = time.monotonic()
+    if now - _quota[0] < _QUOTA_TTL_S:
+        return _quota[1]
+    cpus = None
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
+            cpus = max(1, int(quota) // int(period))
     except (OSError, ValueError):
         pass
-    return max(1, n)
+    _quota = (now, cpus)
+    return cpus
 
 
 def env_threads(var: str) -> int | None:

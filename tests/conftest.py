@@ -7,6 +7,7 @@ import os
 # The suite must not pick up whatever plugins happen to be installed.
 os.environ.setdefault("FASTMASK_LOAD_PLUGINS", "")
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -18,13 +19,17 @@ BACKENDS = ("numpy", "numba", "cython")
 #: CI sets this so that a backend that cannot run fails the suite instead of skipping.
 REQUIRE_ALL = os.environ.get("FASTMASK_REQUIRE_ALL_BACKENDS") == "1"
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
 TOLERANCE = {
     np.dtype(np.float16): {"atol": 1e-3, "rtol": 2e-3},
+    # Output rounding: half an ulp of an 8-bit significand is 2^-9..2^-8 of the value.
+    BF16: {"atol": 1e-5, "rtol": 2**-8},
     np.dtype(np.float32): {"atol": 1e-6, "rtol": 1e-5},
     np.dtype(np.float64): {"atol": 1e-12, "rtol": 1e-12},
 }
 
-DTYPES = (np.float16, np.float32, np.float64)
+DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
 
 
 def backend_available(name: str) -> tuple[bool, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from fastmask.reference import masked_softmax_reference
 #: Products in float32 accumulate rounding over D terms: looser than masked_softmax's.
 TOL = {
     np.dtype(np.float16): {"atol": 2e-3, "rtol": 5e-3},
+    np.dtype(ml_dtypes.bfloat16): {"atol": 2e-5, "rtol": 2**-8},  # float32 products, then rounding
     np.dtype(np.float32): {"atol": 1e-5, "rtol": 1e-5},
     np.dtype(np.float64): {"atol": 1e-12, "rtol": 1e-12},
 }
@@ -115,7 +117,7 @@ def dense_keep(mask, shape):
     return np.broadcast_to(mask, shape)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("kind", list(MASKS))
 def test_matches_reference(backend, tiles, kind, dtype):
     rng = np.random.default_rng(abs(hash(kind)) % 2**32)
@@ -257,15 +259,35 @@ def test_non_contiguous_inputs(backend, tiles):
     check(out, ref, np.float32)
 
 
-def test_float16(backend, tiles):
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_16_bit_floats(backend, tiles, dtype):
     rng = np.random.default_rng(11)
-    q, k, v = qkv(rng, (2, 2, 10, 16), (2, 2, 12, 16), dtype=np.float16)
+    q, k, v = qkv(rng, (2, 2, 10, 16), (2, 2, 12, 16), dtype=dtype)
     mask = fm.masks.causal(align="bottom-right")
     out, w = fm.attention(q, k, v, mask, return_weights=True, backend=backend)
-    assert out.dtype == np.float16 and w.dtype == np.float16
+    assert out.dtype == dtype and w.dtype == dtype
     ref, ref_w = reference(q, k, v, mask.to_dense((2, 2, 10, 12)))
-    check(out, ref, np.float16)
-    np.testing.assert_allclose(w.astype(np.float64), ref_w, atol=1e-3, rtol=2e-3)
+    check(out, ref, dtype)
+    tol = (
+        {"atol": 1e-5, "rtol": 2**-8}
+        if dtype == ml_dtypes.bfloat16
+        else {"atol": 1e-3, "rtol": 2e-3}
+    )
+    np.testing.assert_allclose(w.astype(np.float64), ref_w, **tol)
+    alone = fm.attention(q, k, v, mask, backend=backend)  # the fused engine, where it runs
+    check(alone, ref, dtype)
+
+
+def test_bfloat16_torch_tensors_in_and_out(backend):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(13)
+    q, k, v = (torch.from_numpy(a) for a in qkv(rng, (2, 4, 9, 16), (2, 2, 11, 16)))
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    mask = fm.masks.padding([11, 6])
+    out = fm.attention(qb, kb, vb, mask, backend=backend)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    ref, _ = reference(*(t.float().numpy() for t in (qb, kb, vb)), mask.to_dense((2, 4, 9, 11)))
+    check(out.view(torch.int16).numpy().view(ml_dtypes.bfloat16), ref, ml_dtypes.bfloat16)
 
 
 def test_inputs_not_modified(backend, tiles):
@@ -342,7 +364,7 @@ def test_validation_errors():
     q, k, v = qkv(rng, (2, 4, 5, 8), (2, 4, 6, 8))
     with pytest.raises(TypeError, match="same dtype"):
         fm.attention(q, k.astype(np.float64), v)
-    with pytest.raises(TypeError, match="float16, float32 or float64"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         fm.attention(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32))
     with pytest.raises(TypeError, match=r"masks\.keep.*masks\.drop.*bias="):
         fm.attention(q, k, v, np.ones((2, 4, 5, 6), np.float32))
@@ -509,7 +531,7 @@ def test_concurrent_calls(backend):
         np.testing.assert_array_equal(g, expected[i % 4])
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
 @pytest.mark.parametrize("mask", [None, "padding", "causal"])
 def test_returned_weights_of_a_nan_row_are_nan_at_every_key(backend, dtype, mask):
     """Regression: a row with a NaN kept score was NaN only in its tile's key span."""

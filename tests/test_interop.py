@@ -138,12 +138,27 @@ def test_torch_attention_returns_tensors_and_matches_sdpa(torch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_torch_requires_grad_and_bfloat16_are_type_errors(torch):
+def test_torch_requires_grad_is_a_type_error(torch):
     with pytest.raises(TypeError, match="requires grad"):
         fm.masked_softmax(torch.randn(2, 3, requires_grad=True))
-    with pytest.raises(TypeError, match=r"float16, float32 or float64.*x\.float\(\)"):
-        fm.masked_softmax(torch.randn(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="requires grad"):
+        fm.masked_softmax(torch.randn(2, 3, dtype=torch.bfloat16, requires_grad=True))
     fm.masked_softmax(torch.randn(2, 3, requires_grad=True).detach())
+    with pytest.raises(TypeError, match=r"float16, bfloat16, float32 or float64"):
+        fm.masked_softmax(torch.ones(2, 3, dtype=torch.int32))
+
+
+def test_torch_bfloat16_is_read_in_place_and_returned_as_bfloat16(torch):
+    x = torch.randn(4, 8, 64, 64).to(torch.bfloat16)
+    y = fm.masked_softmax(x, fm.masks.causal())
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16
+    expected = torch.softmax(
+        x.float().masked_fill(~torch.ones(64, 64).tril().bool(), -torch.inf), -1
+    )
+    torch.testing.assert_close(y.float(), expected, atol=1e-5, rtol=2**-8)
+    out = torch.empty_like(x)
+    assert fm.masked_softmax(x, fm.masks.causal(), out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, y, atol=0, rtol=0)
 
 
 # --- JAX arrays -------------------------------------------------------------------
@@ -192,9 +207,12 @@ def test_jax_out_is_value_error(jax):
     assert fm.masked_softmax(x, out=out) is out
 
 
-def test_jax_bfloat16_is_type_error(jax):
-    with pytest.raises(TypeError, match="float16, float32 or float64"):
-        fm.masked_softmax(jax.numpy.ones((2, 3), jax.numpy.bfloat16))
+def test_jax_bfloat16_in_numpy_bfloat16_out(jax):
+    x = jax.numpy.asarray([[0.0, 1.0, 2.0]], jax.numpy.bfloat16)
+    y = fm.masked_softmax(x)
+    assert type(y) is np.ndarray and y.dtype == np.asarray(x).dtype
+    expected = jax.nn.softmax(x.astype(jax.numpy.float32), axis=-1)
+    np.testing.assert_allclose(y.astype(np.float32), expected, atol=1e-5, rtol=2**-8)
 
 
 def test_jax_attention_matches_dot_product_attention(jax):

@@ -4,7 +4,7 @@ Regression: pass 2 summed ``exp(z - m)`` as a reassociated reduction inside its
 exp loop. LLVM guards that loop with a runtime check of its pointers (for some
 pairs only "is the output less than 256 bytes past the input") and falls back
 to a scalar loop that sums in another order. Where the output row, or a
-per-thread scratch row (gathered ``x``, float16 ``x`` in float32, the weights
+per-thread scratch row (gathered ``x``, 16-bit ``x`` in float32, the weights
 buffer), happened to lie in memory thus changed the last bit of a row: from one
 call to the next, between thread counts (each chunk allocates its own scratch)
 and between processes. The sum is now :func:`fastmask.kernels.numba_exp.lane_sum`,
@@ -19,6 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -64,7 +65,7 @@ def _strided_cases():
     """Inputs that use the per-thread scratch rows, plus the concurrency tests' cases."""
     rng = np.random.default_rng(7)
     cases = []
-    for dtype in (np.float16, np.float32, np.float64):
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         for n in LENGTHS:
             base = (rng.standard_normal((4, 8, 64, 2 * n)) * 3).astype(dtype)
             keep = rng.random((4, 1, 1, n)) < 0.8 if n % 2 else None
@@ -118,7 +119,7 @@ def test_repeated_calls_and_thread_counts_give_the_same_bits():
 
 def test_streaming_stores_give_the_same_bits(monkeypatch):
     """Streamed outputs go through the weights scratch row too."""
-    cases = _strided_cases()[: 3 * len(LENGTHS)]
+    cases = _strided_cases()[: 4 * len(LENGTHS)]
     expected = [_bits(_run_case(x, m, 1, False)) for x, m in cases]
     monkeypatch.setattr(ns, "STREAM_MIN_BYTES", 0)
     for (x, m), e in zip(cases, expected, strict=True):

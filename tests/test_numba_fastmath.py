@@ -3,7 +3,8 @@
 Covers: the restricted fast-math flags keep ``-inf``/NaN semantics; the
 vectorisable ``exp`` and the float16 conversions are accurate (every half
 value, both ways); the kernel equals ``masked_softmax_reference`` for each
-dtype, mask kind and memory layout, serial and parallel, in place and not.
+dtype (bfloat16 included: its conversions are in ``test_numba_bfloat16.py``),
+mask kind and memory layout, serial and parallel, in place and not.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import textwrap
 import zlib
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,8 +27,14 @@ from fastmask.kernels import numba_exp as ne
 from fastmask.kernels import numba_softmax as ns
 from fastmask.reference import masked_softmax_reference
 
-DTYPES = (np.float16, np.float32, np.float64)
-COMPUTE = {np.float16: np.float32, np.float32: np.float32, np.float64: np.float64}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
+COMPUTE = {
+    np.float16: np.float32,
+    ml_dtypes.bfloat16: np.float32,
+    np.float32: np.float32,
+    np.float64: np.float64,
+}
 FORBIDDEN_FLAGS = {"nnan", "ninf", "fast"}
 
 
@@ -60,6 +68,20 @@ def effective_keep(shape, keep=None, bounds=None):
     return k
 
 
+def assert_within_one_bf16_ulp(y, ref):
+    """bfloat16 ``y`` is ``ref`` (float64, >= 0) rounded to bfloat16, or a neighbour of that.
+
+    Below float32's smallest normal (bfloat16 has float32's range) the kernel's
+    float32 ``exp`` is flushed to 0, so there only an absolute error of 2**-126
+    counts.
+    """
+    assert not np.any(np.signbit(y)), "weights are never negative (nor -0)"
+    ulps = np.abs(y.view(np.int16).astype(np.int32) - ref.astype(BF16).view(np.int16))
+    tiny = np.abs(y.astype(np.float64) - ref) <= np.finfo(np.float32).tiny
+    bad = (ulps > 1) & ~tiny
+    assert not bad.any(), (y[bad][:5], ref[bad][:5], ulps.max())
+
+
 def check(y, x, *, scale=1.0, keep=None, bias=None, bounds=None):
     """``y`` equals the float64 reference within the dtype's accuracy; masked entries are 0."""
     keep_eff = effective_keep(x.shape, keep, bounds)
@@ -73,6 +95,8 @@ def check(y, x, *, scale=1.0, keep=None, bias=None, bounds=None):
         # within one float16 ulp of the float64 result (rounding of a float32 value)
         ulp = np.spacing(np.abs(ref[ok]).astype(np.float16)).astype(np.float64)
         assert np.all(np.abs(y64[ok] - ref[ok]) <= ulp), np.max(np.abs(y64[ok] - ref[ok]) / ulp)
+    elif x.dtype == BF16:
+        assert_within_one_bf16_ulp(y[ok], ref[ok])
     elif x.dtype == np.float32:
         np.testing.assert_allclose(y64[ok], ref[ok], atol=1e-6, rtol=1e-5)
     else:
@@ -108,7 +132,7 @@ def test_flag_sets_exclude_nnan_ninf():
 
 def test_compiled_dispatchers_use_those_flags():
     ns.compile(np.float32)
-    dispatchers = [ns._kernels[("f", False)], ns._kernels[("f", True)]]
+    dispatchers = [ns._kernels[("float32", False)], ns._kernels[("float32", True)]]
     dispatchers += [getattr(ns, name) for name in ns._JIT_LOOP]
     for d in dispatchers:
         fm = d.targetoptions["fastmath"]
@@ -446,6 +470,57 @@ def test_row_lengths(dtype, nthreads, stream):
         check(y, x, scale=0.5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_products_that_overflow_to_minus_inf(dtype, nthreads):
+    """Regression: finite logits whose float32 products all overflow to -inf (-3e38 with
+    scale 2) made a zero row, as if nothing were kept; the float64 products are finite."""
+    x = np.full((1, 1, 4, 5), -3e38).astype(dtype)
+    x[0, 0, 1, 2] = -1e38  # the largest: its weight is 1
+    x[0, 0, 2] = -np.inf  # no finite logit: zeros
+    x[0, 0, 3, 1:] = -np.inf  # one finite logit: 1
+    keep = np.ones(x.shape, bool)
+    keep[0, 0, 0, 3] = False
+    y = run(x, scale=2.0, keep=keep, nthreads=nthreads)
+    check(y, x, scale=2.0, keep=keep)
+    np.testing.assert_array_equal(y[0, 0, 1], [0, 0, 1, 0, 0])
+    assert np.all(y[0, 0, 2] == 0) and y[0, 0, 3, 0] == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_large_bias_cancelling_large_logits_never_raises(dtype, inplace):
+    """Regression: x*scale ~ 1e10 cancelled by a bias ~ -1e10 (ulp 1024 in float32):
+    pass 2 rounded ``x*scale + b - m`` unlike pass 1, its sum was 0 and the kernel
+    raised ZeroDivisionError (or gave NaN). Such rows are staged in float64 where
+    ``x`` is still there (out of place, and always for 16-bit logits)."""
+    s = 0.10206207261596577
+    x = np.array([[9.71736e10, 9.71e10, 9.7e10], [-2.67109e22, 0.0, 1.0]])
+    bias = np.stack([-x[0] * s, -x[1] * s + [5.0, 0.0, -2.0]]).astype(np.float32)
+    x = x.astype(dtype).reshape(1, 1, 2, 3)
+    bias = bias.reshape(x.shape)
+    xin = x.copy()
+    y = run(xin, out=xin if inplace else None, scale=s, bias=bias)
+    if inplace and dtype == np.float32:  # x overwritten by pass 2: not recomputed
+        assert np.all(np.isnan(y) | np.isfinite(y))
+    else:
+        check(y, x, scale=s, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_a_row_whose_bias_is_a_large_shared_offset(dtype):
+    """TensorFlow's -1e9 on every key of a padding row: |max| >= 2**24, staged in float64,
+    so the weights are softmax(x * scale) of the row."""
+    rng = np.random.default_rng(12)
+    x = logits(rng, (2, 1, 3, 21), dtype)
+    bias = np.zeros(x.shape, np.float32)
+    bias[0, 0, 1] = -1e9
+    bias[1, 0, 2] = 6e8  # (offsets up to 2**30: beyond, the float64 reference rounds them)
+    y = run(x, scale=0.3, bias=bias, nthreads=2)
+    check(y, x, scale=0.3, bias=bias)
+    check(y[:1, :, 1:2], x[:1, :, 1:2], scale=0.3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_streaming_stores_any_alignment(dtype, monkeypatch):
     """Non-temporal line stores with the output starting anywhere within a cache line."""
@@ -514,7 +589,7 @@ def test_unaligned_buffers(dtype, inplace, stream):
 
 
 def test_bad_dtypes():
-    with pytest.raises(TypeError, match="float16, float32 or float64"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         run(np.zeros((1, 1, 1, 3), np.int32))
     with pytest.raises(TypeError, match="native"):
         run(np.zeros((1, 1, 1, 3), ">f4"))

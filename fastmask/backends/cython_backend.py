@@ -4,6 +4,10 @@ No JIT warm-up and the lowest per-call overhead, so it serves first calls and
 tiny calls best. Attention runs the fused engine (:mod:`fastmask.kernels.fused_attention`:
 one parallel region, no BLAS); with ``return_weights=True`` the shared tiled driver
 (:mod:`fastmask.kernels.tiled_attention`) with this backend's softmax kernel.
+
+Every dtype of the contract is served: float16 and bfloat16 are computed in float32
+(softmax rows converted inside the kernel; attention's q, k, v converted once by the
+request) and rounded back to nearest even as they are stored.
 """
 
 from __future__ import annotations
@@ -50,15 +54,25 @@ class CythonBackend(Backend):
     OVERHEAD_US = 1.0
     PER_ELEMENT_US = 0.00022
 
+    _status: tuple = (None, (False, ""))  # (state it was computed for, status)
+
     def status(self) -> tuple[bool, str]:
         if _kernels is None:
             return False, _IMPORT_ERROR
+        # Routing asks on every new call shape: build_info() costs ~30 us, state() ~1 us.
+        state = _kernels.state()
+        if self._status[0] != state:
+            CythonBackend._status = (state, self._describe())
+        return self._status[1]
+
+    def _describe(self) -> tuple[bool, str]:
         info = _kernels.build_info()
         threads = "OpenMP" if info["openmp"] else "serial build (no OpenMP)"
         if info["serial_only"]:
             threads += ", serial in this forked child"
         debug = ", debug build (bounds checks)" if info["debug"] else ""
-        return True, f"{threads}, {info['isa']} kernels{debug}"
+        bf16 = ", bfloat16 rounded by VCVTNEPS2BF16" if info.get("bf16_native") else ""
+        return True, f"{threads}, {info['isa']} kernels{bf16}{debug}"
 
     def check(self, request) -> Verdict:
         if runs_user_code(request):

@@ -6,6 +6,10 @@ selects ``workqueue`` (fork-safe) unless ``NUMBA_THREADING_LAYER`` is set, and
 serialises its own parallel launches with a process-wide lock (re-created in a
 forked child). Serial calls (small inputs) take no lock.
 
+dtypes: float16 and bfloat16 logits are computed in float32 (the kernels take
+their bits and convert each row once; a bias arrives in float32), float32 and
+float64 in their own precision.
+
 Attention runs the shared tiled driver (:mod:`fastmask.kernels.tiled_attention`)
 with this backend's serial softmax kernel on each tile (no parallel launch, so
 no lock: the products use NumPy's BLAS threads).
@@ -18,7 +22,7 @@ import os
 import threading
 
 from ..hookspecs import hookimpl
-from ..kernels import tiled_attention
+from ..kernels import numba_softmax, tiled_attention
 from ..masks.custom import runs_user_code
 from ..threads import threads_for
 from .base import Backend, Verdict
@@ -64,12 +68,20 @@ class NumbaBackend(Backend):
     #: Loading (or compiling) the kernels for a dtype the first time in a process.
     WARMUP_US = 300_000.0
 
+    _installed: bool | None = None  # find_spec walks sys.path: once per process, not per call
+
     def status(self) -> tuple[bool, str]:
-        if importlib.util.find_spec("numba") is None:
+        if NumbaBackend._installed is None:
+            NumbaBackend._installed = importlib.util.find_spec("numba") is not None
+        if not NumbaBackend._installed:
             return False, "numba is not installed"
         return True, ""
 
     def check(self, request) -> Verdict:
+        if not numba_softmax.supports(request.dtype):  # (the kernels' module imports no numba)
+            return Verdict.no(
+                f"{request.dtype}: the numba kernels take float16, bfloat16, float32 or float64"
+            )
         if request.op == "attention":
             if runs_user_code(request):
                 return Verdict.no(

@@ -16,12 +16,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from ..dtypes import is_float
 from ..masks import MaskStrategy
 from ..masks.base import AllOf
 from ..masks.dense import DenseMask
 from ..request import (
     BIAS_HINT,
-    FLOAT_DTYPES,
     broadcast_error,
     float_dtype_error,
     mask_dtype_error,
@@ -58,8 +58,8 @@ def as_dask(a: Any, what: str) -> da.Array:
 
 
 def check_float_dtype(dt: np.dtype, what: str, hint: str) -> None:
-    """TypeError unless ``dt`` is float16, float32 or float64 (as the in-memory call)."""
-    if np.dtype(dt) not in FLOAT_DTYPES:
+    """TypeError unless fastmask computes with ``dt`` (as the in-memory call)."""
+    if not is_float(dt):
         raise float_dtype_error(dt, what, hint)
 
 

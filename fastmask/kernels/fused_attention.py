@@ -189,7 +189,7 @@ def estimate(request, kernels) -> Verdict:
     if why:
         return Verdict.no(why)
     p = plan(request, kernels)
-    isa = kernels.build_info()["isa"]
+    isa = kernels._isa()
     flops = 2 * p.computed * (request.q4.shape[3] + request.v4.shape[3])
     per_flop = PER_FLOP_US.get(isa, PER_FLOP_US["generic"])
     if request.compute_dtype == np.float64:

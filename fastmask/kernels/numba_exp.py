@@ -26,6 +26,14 @@ Contents
   16 values with F16C) where the target has conversion instructions, the
   integer versions elsewhere. Both round to nearest even; they differ only in
   NaN payloads (the hardware quiets signalling NaNs).
+- ``bf16_to_f32(b)`` / ``f32_to_bf16(v)``: bfloat16 <-> float32 for bfloat16
+  data passed as ``int16`` (signed, so that its Numba type differs from
+  float16's ``uint16``). bfloat16 is the top half of a float32, so the
+  widening is a 16-bit shift, and the narrowing an integer round to nearest
+  even on the dropped half: exactly what ``ml_dtypes`` computes, NaN to the
+  quiet NaN of its sign (``0x7fc0``/``0xffc0``), values that round past the
+  largest bfloat16 to inf, subnormals kept. Both are 32-bit integer IR (no
+  float operation, no call), so loops over them vectorise on any target.
 - ``fmaximum(a, b)``: ``llvm.maximum`` (NaN-propagating max), which the loop
   vectoriser turns into a vector reduction without needing ``nnan``.
 - ``stream_line`` / ``stream_zero_line`` / ``store_fence``: non-temporal
@@ -62,12 +70,15 @@ import math
 import numpy as np
 
 __all__ = [
+    "BF16_QNAN",
     "EXP_FASTMATH",
     "HALF_FASTMATH",
     "address",
+    "bf16_to_f32",
     "call_row_fn",
     "exp_f32",
     "exp_f64",
+    "f32_to_bf16",
     "f32_to_half",
     "f32_to_half_soft",
     "fmaximum",
@@ -89,6 +100,9 @@ __all__ = [
 EXP_FASTMATH: frozenset[str] = frozenset({"nsz", "arcp", "contract", "afn"})
 #: Fast-math flags of the float16 conversions: none, they are exact.
 HALF_FASTMATH: frozenset[str] = frozenset()
+#: Bits of the quiet NaN :func:`f32_to_bf16` makes of a positive NaN (``ml_dtypes``'
+#: choice: payloads are dropped, the sign is kept).
+BF16_QNAN = 0x7FC0
 #: Lanes of :func:`lane_sum` per dtype name: 128 bytes, two 64-byte vectors
 #: (independent add chains) with AVX-512, four with AVX2.
 SUM_LANES: dict[str, int] = {"float32": 32, "float64": 16}
@@ -181,8 +195,9 @@ def stream_line(dst, j, src, k, scale):
     """Non-temporal store of one 64-byte line: ``dst[j + t] = src[k + t] * scale``.
 
     ``dst + j`` must be 64-byte aligned; ``t`` runs over the line (16 float32,
-    8 float64 or 32 float16-as-uint16 elements); ``src`` holds the compute
-    dtype (float16 is converted with the hardware, round to nearest even).
+    8 float64, or 32 float16-as-uint16 or bfloat16-as-int16 elements);
+    ``src`` holds the compute dtype (float16 is converted with the hardware,
+    bfloat16 as :func:`f32_to_bf16` does; both round to nearest even).
     """
 
 
@@ -334,6 +349,31 @@ def half_to_f32(h):
 def f32_to_half(v):
     """binary16 bits of float32 ``v`` (RNE): hardware or ``f32_to_half_soft``."""
     return f32_to_half_soft(v)
+
+
+# --------------------------------------------------------------------------
+# bfloat16 <-> binary32. The definitions, in integer arithmetic; install()
+# replaces them with intrinsics that emit these operations on 32-bit
+# integers (the same emitter serves stream_line's vector conversion).
+
+
+def bf16_to_f32(b):
+    """float32 value of the bfloat16 bits ``b`` (an int16): they are its top 16 bits (exact)."""
+    return f32_from_bits(np.int64(b) << 16)
+
+
+def f32_to_bf16(v):
+    """bfloat16 bits (int16) of the float32 ``v``, rounded to nearest even, as ``ml_dtypes``.
+
+    Adding ``0x7fff`` plus the lowest kept bit to the bits rounds the dropped
+    half to nearest even; a carry into the exponent is right, also from the
+    largest finite values to inf. NaN would carry into the sign, so it is
+    replaced by the quiet NaN of its sign.
+    """
+    fb = np.int64(float_bits(v))  # sign-extended: the shifts below keep the sign
+    r = (fb + 0x7FFF + ((fb >> 16) & 1)) >> 16
+    nan = ((fb >> 16) & -0x8000) | BF16_QNAN
+    return np.int16(nan if (fb & 0x7FFFFFFF) > 0x7F800000 else r)
 
 
 #: After :func:`install`: whether ``half_to_f32``/``f32_to_half`` use the
@@ -503,13 +543,52 @@ def _make_intrinsics():
 
         return types.intp(p), codegen
 
+    def splat32(like, value):
+        """i32 constant ``value``, or its splat when ``like`` is a vector."""
+        i32 = ir.IntType(32)
+        if isinstance(like, ir.VectorType):
+            return ir.Constant(ir.VectorType(i32, like.count), [value] * like.count)
+        return ir.Constant(i32, value)
+
+    def int_type(like, width):
+        it = ir.IntType(width)
+        return ir.VectorType(it, like.count) if isinstance(like, ir.VectorType) else it
+
+    def emit_bf16_to_f32(builder, b):
+        """``b`` (i16 or a vector of them) widened to float32: the bits shifted up by 16."""
+        i32t = int_type(b.type, 32)
+        wide = builder.shl(builder.zext(b, i32t), splat32(b.type, 16))
+        ft = ir.FloatType()
+        if isinstance(b.type, ir.VectorType):
+            ft = ir.VectorType(ft, b.type.count)
+        return builder.bitcast(wide, ft)
+
+    def emit_f32_to_bf16(builder, v):
+        """float32 ``v`` (or a vector) to bfloat16 bits as :func:`f32_to_bf16` defines it.
+
+        Unsigned 32-bit adds without ``nuw``/``nsw``: only a NaN's bits can wrap,
+        and that lane is replaced by the select.
+        """
+        i32t = int_type(v.type, 32)
+        bits = builder.bitcast(v, i32t)
+
+        def c(value):
+            return splat32(v.type, value)
+
+        hi = builder.lshr(bits, c(16))
+        rnd = builder.add(builder.add(bits, c(0x7FFF)), builder.and_(hi, c(1)))
+        rounded = builder.lshr(rnd, c(16))
+        nan = builder.or_(builder.and_(hi, c(0x8000)), c(BF16_QNAN))
+        is_nan = builder.icmp_unsigned(">", builder.and_(bits, c(0x7FFFFFFF)), c(0x7F800000))
+        return builder.trunc(builder.select(is_nan, nan, rounded), int_type(v.type, 16))
+
     def line_type(t):
         """(LLVM vector type of one 64-byte line of numba type ``t``, lanes)."""
         if t == types.float32:
             return ir.VectorType(ir.FloatType(), 16), 16
         if t == types.float64:
             return ir.VectorType(ir.DoubleType(), 8), 8
-        if t == types.uint16:
+        if t in (types.uint16, types.int16):
             return ir.VectorType(ir.IntType(16), 32), 32
         return None, 0
 
@@ -525,7 +604,7 @@ def _make_intrinsics():
         lty, lanes = line_type(dst.dtype)
         ct = src.dtype
         ok = (dst.dtype == ct and ct in (types.float32, types.float64)) or (
-            dst.dtype == types.uint16 and ct == types.float32
+            dst.dtype in (types.uint16, types.int16) and ct == types.float32
         )
         if lty is None or not ok or scale != ct:
             return None
@@ -549,6 +628,8 @@ def _make_intrinsics():
             if dst.dtype == types.uint16:
                 v = builder.fptrunc(v, ir.VectorType(ir.HalfType(), lanes))
                 v = builder.bitcast(v, lty)
+            elif dst.dtype == types.int16:
+                v = emit_f32_to_bf16(builder, v)
             nt_store(builder, v, builder.gep(dp, [jv]))
             return context.get_dummy_value()
 
@@ -670,7 +751,29 @@ def _make_intrinsics():
 
         return types.uint16(v), codegen
 
+    @intrinsic
+    def bf16_to_f32_(typingctx, b):
+        if b != types.int16:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return emit_bf16_to_f32(builder, args[0])
+
+        return types.float32(b), codegen
+
+    @intrinsic
+    def f32_to_bf16_(typingctx, v):
+        if v != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return emit_f32_to_bf16(builder, args[0])
+
+        return types.int16(v), codegen
+
     return {
+        "bf16_to_f32": bf16_to_f32_,
+        "f32_to_bf16": f32_to_bf16_,
         "half_to_f32_hw": half_to_f32_hw,
         "f32_to_half_hw": f32_to_half_hw,
         "prefetch": prefetch_,

@@ -18,10 +18,15 @@ Layout
 Every operand reaches the jitted code as a flat, C-contiguous 1-D buffer that
 starts at its lowest-addressed element, plus an element offset and four
 element strides (0 on broadcast axes, negative on reversed ones), all packed
-with the shape and flags into one int64 array. float16 travels as ``uint16``
-(each row's kept logits are converted to float32 once, into a per-thread
-buffer); ``keep`` as ``uint8``. Below the row loop the code works on typed
-pointers (no wraparound checks, no reference counting per row). Operands
+with the shape and flags into one int64 array. The 16-bit floats travel as
+the integers of their bits: float16 as ``uint16``, bfloat16 (``ml_dtypes``)
+as ``int16``, so that the compile-time type says which of the two it is (the
+signedness is only that tag: the bits are never used as numbers). Each row's
+kept logits are converted to float32 once, into a per-thread buffer, and the
+weights rounded back to nearest even on the way out (the conversions are in
+:mod:`fastmask.kernels.numba_exp`). ``keep`` travels as ``uint8``. Below the
+row loop the code works on typed pointers (no wraparound checks, no
+reference counting per row). Operands
 whose last stride is not 1 are gathered into per-thread buffers, one row at a
 time, so the passes always run unit-stride loops, which LLVM vectorises.
 
@@ -31,8 +36,8 @@ Per row ``(b, h, q)`` with kept range ``[lo, hi)`` (``bounds`` clipped):
    ``-inf`` (``llvm.maximum``: a NaN anywhere gives ``m = NaN``). ``m`` NaN or
    ``+inf``: the row is NaN; ``m == -inf``: the row is zeros.
 2. ``e_k = exp(z_k - m)`` (0 where masked) into ``out``, or into a per-thread
-   buffer in the compute dtype (float16, non-unit output strides, streaming
-   stores); summed in blocks of :data:`_BLOCK` in the compute dtype, the
+   buffer in the compute dtype (float16 and bfloat16, non-unit output
+   strides, streaming stores); summed in blocks of :data:`_BLOCK` in the compute dtype, the
    blocks added in float64. Each block is summed after its exp loop, from
    memory, by ``numba_exp.lane_sum`` (fixed lanes, a fixed tree), not as a
    reduction inside the exp loop: LLVM guards that loop with a runtime check
@@ -81,9 +86,11 @@ import hashlib
 import os
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
+from fastmask import dtypes as _dtypes
 from fastmask.kernels import numba_exp as _ne
 
 __all__ = [
@@ -96,6 +103,7 @@ __all__ = [
     "predicate_row_function",
     "score_grid",
     "score_row_function",
+    "supports",
 ]
 
 #: Fast-math flags of the row loops and kernels. ``reassoc`` lets the loops
@@ -127,12 +135,6 @@ _U64_56 = np.uint64(56)
 #: ones stay in the cache for whatever reads them next.
 STREAM_MIN_BYTES = 16 << 20
 
-_COMPUTE = {
-    np.dtype(np.float16): np.dtype(np.float32),
-    np.dtype(np.float32): np.dtype(np.float32),
-    np.dtype(np.float64): np.dtype(np.float64),
-}
-
 
 # ==========================================================================
 # Jitted code. Written as plain Python; _install() rebinds the names listed
@@ -143,12 +145,12 @@ _COMPUTE = {
 
 
 def _load_c(p, i):
-    """``p[i]`` in the compute dtype (float16 bits -> float32)."""
+    """``p[i]`` in the compute dtype (float16 / bfloat16 bits -> float32)."""
     return p[i]
 
 
 def _store_c(p, i, v):
-    """``p[i] = v`` from the compute dtype (float32 -> float16 bits, RNE)."""
+    """``p[i] = v`` from the compute dtype (float32 -> float16 / bfloat16 bits, RNE)."""
     p[i] = v
 
 
@@ -167,8 +169,8 @@ def _cval(p, v):
     return v
 
 
-def _is_half(a):
-    """True (a compile-time constant) when ``a`` holds float16 bits."""
+def _is_narrow(a):
+    """True (a compile-time constant) when ``a`` holds float16 or bfloat16 bits."""
     return False
 
 
@@ -181,8 +183,9 @@ def _stage_x(x, xb, xs3, n, xbuf):
     """Pointer to the row's ``n`` logits x[xb + j*xs3], unit stride.
 
     Into ``x`` itself when that is unit-stride; otherwise gathered into
-    ``xbuf``. float16 rows are always converted into ``xbuf`` (float32) once,
-    so that the passes run the float32 loops (and their vector epilogues).
+    ``xbuf``. float16 and bfloat16 rows are always converted into ``xbuf``
+    (float32) once, so that the passes run the float32 loops (and their vector
+    epilogues).
     """
     return None
 
@@ -190,6 +193,11 @@ def _stage_x(x, xb, xs3, n, xbuf):
 def _dest(xp, ep):
     """``ep``, or ``xp`` itself when ``ep`` is None (in place)."""
     return xp if ep is None else ep
+
+
+def _in_place(ep):
+    """True (a compile-time constant) when ``ep`` is None: the weights overwrite ``xp``."""
+    return ep is None
 
 
 def _skip(p, j):
@@ -262,25 +270,77 @@ def _fused_max(bp):
     return f24 if _cval(bp, 16777217.0) == f24 else _cval(bp, 9007199254740992.0)
 
 
-def _stage_z(xp, kp, dp, n, sc, bp, hk):
-    """dp[j] = x[j]*sc - max(kept x*sc), computed in float64 (``dp`` may be ``xp``):
-    exact products for float32 logits, so near-ties keep their weights at any magnitude
-    and a product that overflows float32 stays finite; for float64 the products rounded
-    once each, as the reference rounds them."""
+def _bias_needs_staging(xp, bp, n, sc, m):
+    """Whether a float32 row with a bias is staged in float64 (:func:`_stage_z`), as the
+    C kernel's ``fm_bias_z_to_memory`` decides: pass 2 rounds ``b - m`` on its own,
+    off by ``|b - m| * 2**-24``, and for the keys that matter ``|b - m|`` is about
+    ``|x * sc|`` (a bias cancelling large logits, or large logits beside a small
+    bias); so rows with ``max |x * sc| >= 64``, and rows whose max z is beyond
+    2**30 or not finite (an overflow of finite terms among them)."""
+    if _cval(bp, 16777217.0) != _cval(bp, 16777216.0):
+        return False  # float64: its own rounding is the reference's
+    if not abs(m) < _cval(bp, 1073741824.0):
+        return True
+    a = _cval(bp, 0.0)
+    for j in range(n):
+        a = max(a, abs(_load_c(xp, j)))
+    return np.float64(a) * abs(np.float64(sc)) >= 64.0
+
+
+def _stage_z(xp, kp, dp, n, sc, bp, hk, hb):
+    """dp[j] = x[j]*sc (+ b[j]) - max(kept), computed in float64 (``dp`` may be ``xp``).
+
+    Exact products for float32 logits, so near-ties keep their weights at any
+    magnitude, a product that overflows float32 stays finite and a bias that
+    cancels large logits is added before anything is rounded; for float64 the
+    products and sums rounded once each, as the reference rounds them. Returns
+    the max: -inf when nothing is kept, NaN when a kept z is NaN (a NaN logit or bias:
+    the row is NaN, as the reference makes it; an overflow in float32 is not one here).
+    """
     sd = np.float64(sc)
     md = -np.inf
+    nan = False
     for j in range(n):
         z = np.float64(_load_c(xp, j)) * sd
-        if z > md and (not hk or kp[j] != 0):  # NaN ignored, as in pass 1
-            md = z
+        if hb:
+            z += np.float64(bp[j])
+        if not hk or kp[j] != 0:
+            if z > md:
+                md = z
+            elif z != z:
+                nan = True
+    if nan:
+        return np.nan
+    if md == -np.inf:
+        return md
     if _cval(bp, 16777217.0) == _cval(bp, 16777216.0):  # float32: products exact
         for j in range(n):
-            _store_c(dp, j, np.float64(_load_c(xp, j)) * sd - md)
+            z = np.float64(_load_c(xp, j)) * sd
+            if hb:
+                z += np.float64(bp[j])
+            _store_c(dp, j, z - md)
     else:  # float64: rounded first, through memory (a fused product is not rounded)
         for j in range(n):
             _store_c(dp, j, _load_c(xp, j) * sc)
+        if hb:
+            for j in range(n):
+                _store_c(dp, j, _load_c(dp, j) + bp[j])
         for j in range(n):
             _store_c(dp, j, _load_c(dp, j) - md)
+    return md
+
+
+def _row_staged(xp, kp, bp, ep, n, sc, hk, hb):
+    """:func:`_row_core` from z - max staged in float64 (:func:`_stage_z`)."""
+    one = _cval(bp, 1.0)
+    dp = _dest(xp, ep)
+    md = _stage_z(xp, kp, dp, n, sc, bp, hk, hb)
+    if md != md:
+        return 2, one
+    if md == -np.inf:
+        return 1, one
+    s = _row_exp(dp, kp, bp, None, n, one, _cval(bp, 0.0), hk, False)
+    return (2, one) if s != s else (0, _cval(bp, 1.0 / s))  # NaN: a kept +inf logit
 
 
 def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
@@ -293,24 +353,39 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
     the rounded z by m's own rounding error, a shift that cancels in the
     normalisation while it is small. Rows with |m| >= :func:`_fused_max` stage
     ``z - m`` in float64 first (:func:`_stage_z`), as the C kernel does (float32
-    1e20 * 0.1 is otherwise off by ~1e12, and exp gives inf or 0).
+    1e20 * 0.1 is otherwise off by ~1e12, and exp gives inf or 0); so do rows
+    whose kept products all overflowed to -inf (|sc| > 1), which pass 1 cannot
+    tell from a row with nothing kept.
+
+    With a bias, the loops may round ``x*sc + b - m`` differently in the two
+    passes (reassociated, contracted); where a large bias cancels large logits
+    that difference is beyond exp's range, and pass 2 misses the max's own
+    ``exp(0) = 1``. Such a row (its sum below 1/2 or not finite) is staged in
+    float64 too when ``x`` is still there (always for float16/bfloat16, whose
+    rows are converted into a buffer); in place, the row keeps pass 2's weights
+    while their sum is positive and finite, and is NaN otherwise.
     """
     m = _pass1(xp, kp, bp, n, sc, hk, hb)
     one = _cval(bp, 1.0)
+    if hb and _bias_needs_staging(xp, bp, n, sc, m):
+        return _row_staged(xp, kp, bp, ep, n, sc, hk, hb)
     if m != m or (m == np.inf and hb):
         return 2, one
-    if m == -np.inf:
+    if m == -np.inf and (hb or not abs(sc) > one):
         return 1, one
-    if not hb and not abs(m) < _fused_max(bp):  # also a float32 product that overflowed
-        dp = _dest(xp, ep)
-        _stage_z(xp, kp, dp, n, sc, bp, hk)
-        code, inv = _row_exp(dp, kp, bp, None, n, one, _cval(bp, 0.0), hk, hb)
-        return (2, one) if inv != inv else (code, inv)  # a kept +inf logit: a NaN row
-    return _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb)
+    if not abs(m) < _fused_max(bp):  # also a float32 product that overflowed (no bias)
+        return _row_staged(xp, kp, bp, ep, n, sc, hk, hb)
+    s = _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb)
+    if hb and not (s >= 0.5 and s < np.inf):
+        if not _in_place(ep):
+            return _row_staged(xp, kp, bp, ep, n, sc, hk, hb)
+        if not (s > 0.0 and s < np.inf):
+            return 2, one
+    return 0, _cval(bp, 1.0 / s)
 
 
 def _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb):
-    """Pass 2 of :func:`_row_core` by blocks, and the sum: ``(0, 1/sum)``."""
+    """Pass 2 of :func:`_row_core` by blocks; returns the sum (float64)."""
     s = 0.0
     for j0 in range(0, n, _BLOCK):
         nb = min(n - j0, _BLOCK)
@@ -330,7 +405,7 @@ def _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb):
         # its pointers, whose scalar fallback would sum in another order, so
         # the bits would depend on scratch addresses (see the module docstring).
         s += _sum_c(_dest(_ne.address(xp, j0), _skip(ep, j0)), nb)
-    return 0, _cval(bp, 1.0 / s)
+    return s
 
 
 def _scale_inplace(ep, n, inv):
@@ -515,7 +590,7 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns):
     b_stream = hb and b_unit and p[_P_BIAS + 3] != 0
     stream = (flags & _F_STREAM) != 0 and os3 == 1 and _can_stream(out)
     lanes = 64 // out.itemsize
-    use_buf = os3 != 1 or _is_half(out) or stream
+    use_buf = os3 != 1 or _is_narrow(out) or stream
     sc = bias.dtype.type(scale)
     zero = bias.dtype.type(0.0)
     nan = bias.dtype.type(np.nan)
@@ -523,7 +598,7 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns):
     kline = 64
     bline = max(1, 64 // bias.itemsize)
 
-    xbuf = np.empty(N if (_is_half(x) or not x_unit) else 0, bias.dtype)
+    xbuf = np.empty(N if (_is_narrow(x) or not x_unit) else 0, bias.dtype)
     kbuf = np.empty(0 if (k_unit or not hk) else N, np.uint8)
     bbuf = np.empty(0 if (b_unit or not hb) else N, bias.dtype)
     ebuf = np.empty(N if use_buf else 0, bias.dtype)
@@ -691,8 +766,10 @@ _JIT_LOOP = (
     "_pass1",
     "_pass2",
     "_fused_max",
+    "_bias_needs_staging",
     "_stage_z",
     "_row_core",
+    "_row_staged",
     "_row_exp",
     "_scale_inplace",
     "_scale_store",
@@ -712,12 +789,13 @@ _JIT_LOOP = (
 
 _lock = threading.RLock()
 _installed = False
-# (dtype char, parallel) -> plain kernel; (dtype char, parallel, "custom") -> custom kernel
+# (dtype name, parallel) -> plain kernel; (dtype name, parallel, "custom") -> custom kernel
 _kernels: dict[tuple, object] = {}
 
 
-def _key(char: str, parallel: bool, custom: bool) -> tuple:
-    return (char, parallel, "custom") if custom else (char, parallel)
+def _key(dtype: np.dtype, parallel: bool, custom: bool) -> tuple:
+    name = _DTYPE_INFO[dtype].key
+    return (name, parallel, "custom") if custom else (name, parallel)
 
 
 _warned_no_cache = False
@@ -744,24 +822,38 @@ def _install() -> None:
         flags = set(LOOP_FASTMATH)
         jit_options = {"fastmath": flags}
 
-        def is_half_type(a):
-            return isinstance(a, (types.Array, types.CPointer)) and a.dtype == types.uint16
+        def is_narrow_type(a):
+            """float16 (uint16 bits) or bfloat16 (int16 bits) storage."""
+            return isinstance(a, (types.Array, types.CPointer)) and a.dtype in (
+                types.uint16,
+                types.int16,
+            )
+
+        def widen(a):
+            """The bits -> float32 conversion of narrow storage ``a``."""
+            return _ne.half_to_f32 if a.dtype == types.uint16 else _ne.bf16_to_f32
+
+        def narrow(a):
+            """The float32 -> bits conversion (RNE) of narrow storage ``a``."""
+            return _ne.f32_to_half if a.dtype == types.uint16 else _ne.f32_to_bf16
 
         def compute_type(a):
             return types.float64 if a.dtype == types.float64 else types.float32
 
         @overload(_load_c, jit_options=jit_options)
         def _ov_load_c(p, i):
-            if is_half_type(p):
-                return lambda p, i: _ne.half_to_f32(p[i])
+            if is_narrow_type(p):
+                to_f32 = widen(p)
+                return lambda p, i: to_f32(p[i])
             return lambda p, i: p[i]
 
         @overload(_store_c, jit_options=jit_options)
         def _ov_store_c(p, i, v):
-            if is_half_type(p):
+            if is_narrow_type(p):
+                from_f32 = narrow(p)
 
                 def impl(p, i, v):
-                    p[i] = _ne.f32_to_half(np.float32(v))
+                    p[i] = from_f32(np.float32(v))
 
                 return impl
 
@@ -780,12 +872,14 @@ def _install() -> None:
 
         @overload(_sum_c, jit_options=jit_options)
         def _ov_sum_c(p, n):
-            if is_half_type(p):
-                # typed but never run: float16 weights live in a float32 buffer
+            if is_narrow_type(p):
+                to_f32 = widen(p)
+
+                # typed but never run: 16-bit weights live in a float32 buffer
                 def impl(p, n):
                     s = np.float32(0.0)
                     for j in range(n):
-                        s += _ne.half_to_f32(p[j])
+                        s += to_f32(p[j])
                     return s
 
                 return impl
@@ -797,32 +891,34 @@ def _install() -> None:
                 return lambda p, v: np.float64(v)
             return lambda p, v: np.float32(v)
 
-        @overload(_is_half, jit_options=jit_options)
-        def _ov_is_half(a):
-            if is_half_type(a):
+        @overload(_is_narrow, jit_options=jit_options)
+        def _ov_is_narrow(a):
+            if is_narrow_type(a):
                 return lambda a: True
             return lambda a: False
 
         @overload(_can_stream, jit_options=jit_options)
         def _ov_can_stream(a):
-            ok = a.dtype in (types.float32, types.float64) or (
+            # bfloat16's line conversion is integer IR, so it streams everywhere
+            ok = a.dtype in (types.float32, types.float64, types.int16) or (
                 a.dtype == types.uint16 and _ne.HALF_HARDWARE
             )
             return (lambda a: True) if ok else (lambda a: False)
 
         @overload(_stage_x, jit_options=jit_options)
         def _ov_stage_x(x, xb, xs3, n, xbuf):
-            if is_half_type(x):
+            if is_narrow_type(x):
+                to_f32 = widen(x)
 
                 def impl(x, xb, xs3, n, xbuf):
                     sp = _ne.address(x, xb)
                     dp = _ne.address(xbuf, 0)
                     if xs3 == 1:
                         for j in range(n):
-                            dp[j] = _ne.half_to_f32(sp[j])
+                            dp[j] = to_f32(sp[j])
                     else:
                         for j in range(n):
-                            dp[j] = _ne.half_to_f32(sp[j * xs3])
+                            dp[j] = to_f32(sp[j * xs3])
                     return dp
 
                 return impl
@@ -841,6 +937,12 @@ def _install() -> None:
             if isinstance(ep, types.NoneType):
                 return lambda xp, ep: xp
             return lambda xp, ep: ep
+
+        @overload(_in_place, jit_options=jit_options)
+        def _ov_in_place(ep):
+            if isinstance(ep, types.NoneType):
+                return lambda ep: True
+            return lambda ep: False
 
         @overload(_skip, jit_options=jit_options)
         def _ov_skip(p, j):
@@ -928,12 +1030,12 @@ def _install() -> None:
 
 
 def _signature(dtype: np.dtype, custom: bool = False):
-    from numba.core import types
+    import numba
 
-    st = types.float32 if dtype == np.float32 else types.float64
-    ct = types.float64 if dtype == np.float64 else types.float32
-    if dtype == np.float16:
-        st = types.uint16
+    info = _DTYPE_INFO[dtype]
+    types = numba.core.types
+    st = numba.from_dtype(dtype if info.view is None else info.view)
+    ct = numba.from_dtype(info.compute)
 
     def ro(t):
         return types.Array(t, 1, "C", readonly=True)
@@ -954,19 +1056,20 @@ def _signature(dtype: np.dtype, custom: bool = False):
 
 def _get_kernel(dtype: np.dtype, parallel: bool, custom: bool = False):
     """The kernel for ``dtype``; the first use of a dtype loads both variants."""
-    k = _kernels.get(_key(dtype.char, parallel, custom))
+    dt = _check_dtype(dtype)
+    k = _kernels.get(_key(dt, parallel, custom))
     if k is None:
         if custom:  # only the variant needed (the plain ones come in pairs)
             with _lock:
-                _build(_check_dtype(dtype), parallel, True)
+                _build(dt, parallel, True)
         else:
-            compile(dtype)
-        k = _kernels[_key(dtype.char, parallel, custom)]
+            compile(dt)
+        k = _kernels[_key(dt, parallel, custom)]
     return k
 
 
 def _build(dtype: np.dtype, parallel: bool, custom: bool = False) -> None:
-    key = _key(dtype.char, parallel, custom)
+    key = _key(dtype, parallel, custom)
     if key in _kernels:
         return
     _install()
@@ -1001,13 +1104,27 @@ def _build(dtype: np.dtype, parallel: bool, custom: bool = False) -> None:
 
 
 def _check_dtype(dtype) -> np.dtype:
+    """``dtype`` as a NumPy dtype the kernels take (registering bfloat16 when first seen)."""
     dt = np.dtype(dtype)
-    if dt not in _COMPUTE or not dt.isnative:
-        raise TypeError(
-            "fastmask numba kernel: dtype must be float16, float32 or float64 in native "
-            f"byte order, not {dt}"
-        )
+    if dt not in _DTYPE_INFO:
+        # bfloat16 is registered lazily: importing ml_dtypes takes most of a second,
+        # and a bfloat16 dtype here means the caller has imported it already.
+        if not _dtypes.is_bfloat16(dt):  # (a byte-swapped one is not: '>V2')
+            raise TypeError(
+                "fastmask numba kernel: dtype must be float16, bfloat16, float32 or float64 "
+                f"in native byte order, not {dt}"
+            )
+        _DTYPE_INFO.setdefault(dt, _dtype_info(dt, np.dtype(np.int16)))
     return dt
+
+
+def supports(dtype) -> bool:
+    """Whether the kernels take logits of ``dtype`` (importing nothing, compiling nothing)."""
+    try:
+        _check_dtype(dtype)
+    except TypeError:
+        return False
+    return True
 
 
 def compile(dtype, custom: bool = False) -> None:
@@ -1019,7 +1136,8 @@ def compile(dtype, custom: bool = False) -> None:
     Parameters
     ----------
     dtype : dtype-like
-        float16, float32 or float64 (the dtype of ``x``).
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64 (the
+        dtype of ``x``).
     custom : bool
         The variants that run user predicates and score functions (used by
         the first call that has one) instead of the plain ones.
@@ -1043,8 +1161,8 @@ def is_compiled(dtype, custom: bool = False) -> bool:
     """
     dt = _check_dtype(dtype)
     if custom:
-        return _key(dt.char, False, True) in _kernels or _key(dt.char, True, True) in _kernels
-    return (dt.char, False) in _kernels and (dt.char, True) in _kernels
+        return _key(dt, False, True) in _kernels or _key(dt, True, True) in _kernels
+    return _key(dt, False, False) in _kernels and _key(dt, True, False) in _kernels
 
 
 # ==========================================================================
@@ -1058,17 +1176,30 @@ def _readonly_zeros(dtype) -> np.ndarray:
     return a
 
 
-# per x dtype char: (storage view dtype or None, compute dtype, dummies for
-# keep / bias / bounds when absent)
-_DTYPE_INFO = {
-    dt.char: (
-        np.dtype(np.uint16) if dt == np.float16 else None,
-        _COMPUTE[dt],
-        _readonly_zeros(np.uint8),
-        _readonly_zeros(_COMPUTE[dt]),
-        _readonly_zeros(np.int64),
+class _DtypeInfo(NamedTuple):
+    """How logits of one dtype reach the jitted code."""
+
+    key: str  # the dtype's name: the kernels' key in ``_kernels``
+    view: np.dtype | None  # the storage the jitted code sees (16-bit floats as their bits)
+    compute: np.dtype
+    keep0: np.ndarray  # dummies passed for keep / bias / bounds when absent
+    bias0: np.ndarray
+    bounds0: np.ndarray
+
+
+def _dtype_info(dt: np.dtype, view: np.dtype | None) -> _DtypeInfo:
+    ct = _dtypes.compute_dtype(dt)
+    return _DtypeInfo(
+        dt.name, view, ct, _readonly_zeros(np.uint8), _readonly_zeros(ct), _readonly_zeros(np.int64)
     )
-    for dt in _COMPUTE
+
+
+# Keyed by the dtype itself, not its one-letter code: ml_dtypes' bfloat16 shares
+# 'E' with its uint1. uint16 / int16 tell float16 from bfloat16 in the compiled code.
+_DTYPE_INFO: dict[np.dtype, _DtypeInfo] = {
+    _dtypes.FLOAT16: _dtype_info(_dtypes.FLOAT16, np.dtype(np.uint16)),
+    _dtypes.FLOAT32: _dtype_info(_dtypes.FLOAT32, None),
+    _dtypes.FLOAT64: _dtype_info(_dtypes.FLOAT64, None),
 }
 
 
@@ -1125,9 +1256,9 @@ def masked_softmax_4d(
     Parameters
     ----------
     x4 : ndarray, shape (B, H, Q, N)
-        Logits; float16, float32 or float64 in native byte order. Any strides
-        (multiples of the itemsize; negative, or 0 on broadcast axes); may be
-        read-only.
+        Logits; float16, bfloat16 (``ml_dtypes``), float32 or float64 in
+        native byte order. Any strides (multiples of the itemsize; negative,
+        or 0 on broadcast axes); may be read-only.
     out4 : ndarray, shape (B, H, Q, N)
         Result, same dtype, writable; either exactly ``x4``'s memory (same
         data pointer and strides: in place) or not overlapping it.
@@ -1136,8 +1267,9 @@ def masked_softmax_4d(
     keep4 : ndarray of bool, shape (B, H, Q, N), or None
         True = keep. Any strides (a broadcast view is fine).
     bias4 : ndarray, shape (B, H, Q, N), or None
-        In the compute dtype (float32 for float16/float32 ``x4``, float64 for
-        float64); added after scaling; may hold ``-inf``. Any strides.
+        In the compute dtype (float32 for float16/bfloat16/float32 ``x4``,
+        float64 for float64); added after scaling; may hold ``-inf``. Any
+        strides.
     bounds4 : int64 ndarray, shape (B, H, Q, 2), or None
         Per row ``lo, hi``: only keys ``lo <= k < hi`` (clipped to
         ``[0, N)``) can be kept; the others are never read and are written 0.
@@ -1159,8 +1291,8 @@ def masked_softmax_4d(
     Per row: ``z = x*scale + bias`` on kept keys; ``m`` = max over kept ``z``
     ignoring NaN. No kept key, or ``m == -inf`` with no NaN: the row is
     zeros. A kept NaN or ``+inf``: the whole row is NaN. Otherwise
-    ``exp(z - m) / sum``, exactly 0 on masked keys. float16 is computed in
-    float32 and rounded to nearest even.
+    ``exp(z - m) / sum``, exactly 0 on masked keys. float16 and bfloat16
+    are computed in float32 and rounded to nearest even.
 
     With a predicate, keys it drops are masked like ``keep4`` False; with a
     score function, ``z`` is replaced by ``score(z, b, h0 + h, q, k)`` before
@@ -1173,10 +1305,10 @@ def masked_softmax_4d(
     rows = B * H * Q
     if rows == 0 or N == 0:
         return
-    info = _DTYPE_INFO.get(x4.dtype.char)
-    if info is None or not x4.dtype.isnative:
-        _check_dtype(x4.dtype)
-    view, ctype, kd, bd, dd = info
+    info = _DTYPE_INFO.get(x4.dtype)
+    if info is None:
+        info = _DTYPE_INFO[_check_dtype(x4.dtype)]
+    key, view, ctype, kd, bd, dd = info
     if not (
         x4.flags.aligned
         and out4.flags.aligned
@@ -1221,7 +1353,7 @@ def masked_softmax_4d(
             failed = predicate if which == 0 else score
             failed.row_failed(r // (H * Q), h0 + (r // Q) % H, r % Q, N)
         return
-    kern = _kernels.get((x4.dtype.char, nchunks > 1))
+    kern = _kernels.get((key, nchunks > 1))
     if kern is None:
         kern = _get_kernel(x4.dtype, nchunks > 1)
     kern(xf, of, kf, bf, df, params, float(scale))
