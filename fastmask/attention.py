@@ -9,7 +9,7 @@ import numpy as np
 
 from . import device, device_attention, router
 from .api import _like
-from .attention_request import build_attention_requests
+from .attention_request import build_attention_requests, plan_keep_and_bounds, with_operands
 from .masks import MaskStrategy
 from .threads import get_num_threads
 
@@ -119,6 +119,59 @@ def attention(
     return _like(q, out)
 
 
+#: Requests built by :func:`_attention_into`, by call signature: a model calls attention
+#: once per layer with operands of equal shapes and strides and the same mask object,
+#: and rebuilding (validating, planning the mask, routing) costs more than a decode
+#: step's kernel. Bounded like the router's cache.
+_templates: dict[tuple, tuple[Any, Any, Any, bool]] = {}
+_MAX_TEMPLATES = 1024
+
+
+def _signature(out: np.ndarray, q: Any, k: Any, v: Any, mask: Any, scale: Any) -> tuple | None:
+    """The key of a call whose request can be reused with new operands, else None.
+
+    Only host arrays already in their compute dtype (float32, float64), 4-D (their
+    request views are the arrays themselves), with no mask or an immutable mask
+    strategy without user code: nothing the request holds can change behind it.
+    """
+    if not (type(q) is type(k) is type(v) is np.ndarray) or q.ndim != 4 or k.ndim != 4:
+        return None
+    if mask is not None and not (
+        isinstance(mask, MaskStrategy) and mask.immutable and not mask.compiled
+    ):
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    dt = q.dtype
+    if dt.char not in "fd" or k.dtype != dt or v.dtype != dt or v.ndim != 4:
+        return None
+    if k.shape[2] != v.shape[2] or not k.shape[2]:  # the full path says what is wrong
+        return None
+    kv = (k.shape, k.strides, v.shape, v.strides)
+    if mask is None or getattr(mask, "plans_any_lk", False):
+        # Nothing in the request depends on Lk but the shapes (and the bounds' clipping)
+        kv = (k.shape[:2], k.shape[3], k.strides[3], v.shape[:2], v.shape[3], v.strides[3])
+    return (q.shape, q.strides, *kv, out.shape, out.strides, out.dtype, dt, id(mask), scale,
+            get_num_threads())  # fmt: skip
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` address the same elements (strides of length-1 axes aside)."""
+    return (
+        a.shape == b.shape
+        and a.ctypes.data == b.ctypes.data
+        and all(n == 1 or x == y for n, x, y in zip(a.shape, a.strides, b.strides, strict=True))
+    )
+
+
+def _remember(sig: tuple, mask: Any, request: Any, chosen: Any, fills: bool) -> None:
+    if len(_templates) >= _MAX_TEMPLATES:
+        _templates.clear()
+    # Without the operands: a cached request must not keep a model's KV cache alive.
+    bare = dataclasses.replace(request, q4=None, k4=None, v4=None, out4=None)
+    _templates[sig] = (mask, bare, chosen, fills)
+
+
 def _attention_into(
     out: np.ndarray, q: Any, k: Any, v: Any, mask: Any = None, *, bias: Any = None,
     scale: float | None = None,
@@ -129,7 +182,29 @@ def _attention_into(
     writes through a transposed view of the ``(B, Lq, H, Dv)`` tensor the framework
     wants, so no copy follows). ``out`` may have any strides with a unit-stride last
     axis; the engine checks that it overlaps no input.
+
+    A repeated call (same shapes, strides, dtype, scale and mask object, an immutable
+    strategy, no bias: every layer of a model's forward pass) reuses the first call's
+    validated request and routing decision with the new operands.
     """
+    sig = _signature(out, q, k, v, mask, scale) if bias is None else None
+    hit = _templates.get(sig) if sig is not None else None
+    if hit is not None and hit[0] is mask and router.cached(hit[1]) is hit[2]:
+        # (a decision that no longer holds, after a plugin change, rebuilds everything)
+        _, template, chosen, fills = hit
+        bounds = template.bounds4
+        if bounds is not None and k.shape[2] != template.key[2][2]:
+            shape = (*q.shape[:3], k.shape[2])
+            bounds = plan_keep_and_bounds(mask.plan(shape), shape)[1]
+        request = with_operands(template, q, k, v, out, bounds)
+        if request.key is not template.key:  # a new Lk: route it (its family is known)
+            chosen = router.choose(request)
+            fills = chosen.fills_output(request)
+            _remember(sig, mask, request, chosen, fills)  # the next layer's call is this one
+        if not fills:
+            out[...] = 0
+        router.run(chosen, request)
+        return out
     requests, own, _ = build_attention_requests(q, k, v, mask, bias=bias, scale=scale, zeroed=False)
     if out.shape != own.shape or out.dtype != own.dtype:
         raise ValueError(
@@ -141,9 +216,16 @@ def _attention_into(
         return out
     request = dataclasses.replace(requests[0], out4=out)
     chosen = router.choose(request)
-    if not chosen.fills_output(request):
+    fills = chosen.fills_output(request)
+    if not fills:
         out[...] = 0
     router.run(chosen, request)
+    if (
+        sig is not None
+        and request.keep4 is None
+        and all(_same_view(a, b) for a, b in ((request.q4, q), (request.k4, k), (request.v4, v)))
+    ):
+        _remember(sig, mask, request, chosen, fills)
     return out
 
 

@@ -20,6 +20,7 @@ along ``H``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -51,6 +52,7 @@ __all__ = [
     "attention_shapes",
     "build_attention_requests",
     "plan_keep_and_bounds",
+    "with_operands",
 ]
 
 
@@ -119,6 +121,9 @@ class AttentionRequest(AttentionSizes):
     swap_bh : bool
         3-D scores ``(X, Lq, Lk)``, laid out as ``B = 1, H = X``: the user functions'
         ``b`` is this request's ``h`` and their ``h`` is 0.
+    family : tuple or None
+        ``key`` with ``Lq`` and ``Lk`` rounded to their power-of-two range: calls of
+        one family may share a routing decision (:func:`fastmask.router.choose`).
     """
 
     op: str
@@ -139,11 +144,41 @@ class AttentionRequest(AttentionSizes):
     predicate: Any = None
     score: Any = None
     swap_bh: bool = False
+    family: tuple | None = None
 
     @property
     def dtype(self) -> np.dtype:
         """The dtype of the inputs and outputs."""
         return self.out4.dtype
+
+
+def _keys(q_shape, k_shape, v_shape, dtype, rest: tuple) -> tuple[tuple, tuple]:
+    """A request's routing ``key`` and ``family`` (the key with Lq, Lk as bit lengths)."""
+    key = ("attention", q_shape, k_shape, v_shape, dtype.char, *rest)
+    lq, lk = q_shape[-2], k_shape[-2]
+    family = ("attention", q_shape[:-2], q_shape[-1], lq.bit_length(), k_shape[:-2],
+              v_shape[:-2], k_shape[-1], v_shape[-1], lk.bit_length(), dtype.char,
+              *rest)  # fmt: skip
+    return key, family
+
+
+def with_operands(
+    template: AttentionRequest,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    bounds4: np.ndarray | None = None,
+) -> AttentionRequest:
+    """``template`` (one 4-D request without a dense mask or a bias) with new 4-D
+    operands of the same dtype whose shapes may differ in ``Lk`` only (a decode
+    step's growing KV cache), and ``bounds4`` planned for that ``Lk``."""
+    if k.shape == template.key[2] and v.shape == template.key[3]:
+        key, family = template.key, template.family
+    else:
+        key, family = _keys(q.shape, k.shape, v.shape, q.dtype, template.key[5:])
+    return dataclasses.replace(template, q4=q, k4=k, v4=v, out4=out, key=key, family=family,
+                               bounds4=bounds4)  # fmt: skip
 
 
 def _strategy(mask: Any) -> MaskStrategy | None:
@@ -360,22 +395,19 @@ def build_attention_requests(
         out = outputs.empty((*batch, lq, dv), dtype)
     weights = np.zeros(scores_shape, dtype) if return_weights else None
 
-    key = (
-        "attention",
-        qa.shape,
-        ka.shape,
-        va.shape,
-        dtype.char,
+    key, family = _keys(qa.shape, ka.shape, va.shape, dtype, (
         keep is not None,
         bias_view is not None,
         bounds is not None,
         _mask_key(strategy),
         bool(return_weights),
         get_num_threads(),
-    )
+    ))  # fmt: skip
     operands = [q_b, k_b, v_b, out, weights, keep, bias_view]
     requests: list[AttentionRequest] = []
     _assemble(operands, bounds, s, group, cdt, strategy, key, 0, nd, requests, user_fns)
+    if len(requests) == 1:  # a split call's parts are routed together, by the first
+        requests[0] = dataclasses.replace(requests[0], family=family)
     return requests, out, weights
 
 

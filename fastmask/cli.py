@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--workload", action="append",
         help="run only this workload (repeatable): W1 W1-dense W2 W3 W4 W5-f16 W5-f64 W6 "
-        "tiny A1 A2 A3 A4 scaling startup memory pipeline",
+        "tiny A1 A2 A3 A4 scaling startup memory pipeline hf",
     )  # fmt: skip
     bench.add_argument("--threads", type=int, help="thread count for fastmask and peers")
     bench.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")

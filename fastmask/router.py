@@ -3,6 +3,13 @@
 Decisions are cached per call signature (``SoftmaxRequest.key``), so a repeat
 call costs a dictionary lookup. The cache is cleared when the set of plugins
 changes or a backend's cost changes (e.g. once a JIT backend has compiled).
+
+Attention calls also have a *family* (``AttentionRequest.family``: the signature
+with the query and key counts rounded to their power-of-two range). A new
+signature whose family has a decision asks only that backend whether it can
+serve the call, instead of every backend for its cost: the decode steps of a
+generation meet a new key count on every step, and a full evaluation costs more
+than the step's kernel. :func:`explain` always evaluates every backend.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from .backends.base import Backend, Verdict
 from .masks.custom import UserFunctionError
 from .request import SoftmaxRequest
 
-__all__ = ["BackendError", "Candidate", "Explanation", "choose", "evaluate", "invalidate"]
+__all__ = ["BackendError", "Candidate", "Explanation", "cached", "choose", "evaluate", "invalidate"]
 
 #: Bound on the decision cache; beyond it the cache starts over (a soak must not grow it).
 MAX_CACHED_DECISIONS = 4096
 
 _cache: dict[tuple, Backend] = {}
+_families: dict[tuple, Backend] = {}
 _lock = threading.Lock()
 
 
@@ -80,12 +88,13 @@ def invalidate() -> None:
     """Forget cached routing decisions."""
     with _lock:
         _cache.clear()
+        _families.clear()
 
 
 plugins._on_change.append(invalidate)
 
 
-def _verdict(backend: Backend, request: SoftmaxRequest) -> Verdict:
+def _verdict(backend: Backend, request: SoftmaxRequest, ask: str = "check") -> Verdict:
     # A plugin's bug (raising, or returning the wrong kind of object) must not take
     # routing down: the backend is passed over, with a PluginWarning naming it.
     try:
@@ -97,11 +106,11 @@ def _verdict(backend: Backend, request: SoftmaxRequest) -> Verdict:
     if not available:
         return Verdict.no(note or "not available")
     try:
-        v = backend.check(request)
+        v = getattr(backend, ask, backend.check)(request)  # (a duck-typed backend: check)
     except Exception as exc:
-        return Verdict.no(f"check() raised {type(exc).__name__}: {exc}")
+        return Verdict.no(f"{ask}() raised {type(exc).__name__}: {exc}")
     if not isinstance(v, Verdict) or not isinstance(v.cost, numbers.Real) or v.cost != v.cost:
-        return _refused(backend, f"check() returned {v!r}, not a Verdict with a real cost")
+        return _refused(backend, f"{ask}() returned {v!r}, not a Verdict with a real cost")
     return v
 
 
@@ -163,10 +172,22 @@ def _remember(key: tuple, backend: Backend) -> None:
         _cache[key] = backend
 
 
+def cached(request: SoftmaxRequest) -> Backend | None:
+    """The backend a previous :func:`choose` picked for ``request``'s signature, if the
+    decision still holds (None once plugins or costs changed it)."""
+    return _cache.get(request.key)
+
+
 def choose(request: SoftmaxRequest) -> Backend:
-    """The cheapest backend able to serve ``request`` (cached per call signature)."""
+    """The cheapest backend able to serve ``request`` (cached per call signature; for a
+    new signature, the family's backend if it can serve it)."""
     backend = _cache.get(request.key)
     if backend is not None:
+        return backend
+    family = getattr(request, "family", None)
+    backend = None if family is None else _families.get(family)
+    if backend is not None and _verdict(backend, request, "accepts").ok:
+        _remember(request.key, backend)
         return backend
     candidates = evaluate(request)
     name = _cheapest(candidates)
@@ -175,6 +196,11 @@ def choose(request: SoftmaxRequest) -> Backend:
         raise ValueError(f"no backend can serve this call ({reasons})")
     backend = plugins.backends()[name]
     _remember(request.key, backend)
+    if family is not None:
+        with _lock:
+            if len(_families) >= MAX_CACHED_DECISIONS:
+                _families.clear()
+            _families[family] = backend
     return backend
 
 

@@ -66,13 +66,16 @@ def _parts(s):
     "kwargs, kinds",
     [
         ({"max_ahead": 0}, {Causal}),  # causal prefill
-        ({"max_ahead": 0, "q_start": 2047, "lq": 1, "lk": 2048}, {Causal}),  # decode step
+        ({"max_ahead": 0, "q_start": 2047, "lq": 1, "lk": 2048}, set()),  # decode: every key
+        ({"max_ahead": 0, "q_start": 2040, "lq": 8, "lk": 2048}, {Causal}),  # 8 new tokens
         ({"max_ahead": 0, "max_behind": 255}, {SlidingWindow}),  # sliding-window prefill
         ({"max_ahead": 0, "max_behind": 255, "q_start": 4000, "k_start": 3745, "lq": 1,
-          "lk": 256}, {SlidingWindow}),  # a sliding-window cache that dropped keys
+          "lk": 256}, set()),  # a sliding-window cache that dropped keys: every key kept
+        ({"max_ahead": 0, "max_behind": 255, "q_start": 4000, "k_start": 3744, "lq": 1,
+          "lk": 257}, {SlidingWindow}),  # one key more than the window
         ({"max_ahead": 0, "max_behind": 255, "q_start": 10, "lq": 1, "lk": 4096},
          {Causal, SlidingWindow}),  # a static cache: keys past the queries
-        ({"max_ahead": 0, "pad": "left"}, {Causal, Padding}),
+        ({"max_ahead": 0, "pad": "left"}, {Causal, torch_ops.KeysFrom}),
         ({"pad": "right"}, {Padding}),
     ],
 )  # fmt: skip
@@ -87,6 +90,9 @@ def test_model_masks_become_interval_strategies_never_lq_by_lk(kwargs, kinds):
         if side == "right":
             pad = pad[:, ::-1].copy()
     s = torch_ops.structured_mask(lq, lk, key_padding=pad, **kwargs)
+    if not kinds:  # nothing masked: no strategy at all
+        assert s is None
+        return
     assert {type(p) for p in _parts(s)} == kinds
     plan = s.plan((2, 4, lq, lk))
     assert plan.keep is None  # nothing dense: intervals per row only

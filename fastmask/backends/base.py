@@ -55,6 +55,16 @@ class Backend:
         """Say whether this backend can serve ``request``, and its estimated cost."""
         raise NotImplementedError
 
+    def accepts(self, request: SoftmaxRequest) -> Verdict:
+        """Whether this backend can serve ``request``; the cost may be left out.
+
+        The router asks this instead of :meth:`check` when it already chose this
+        backend for a call of the same family (an attention call with a new key
+        count, see :mod:`fastmask.router`). The default is :meth:`check`; override it
+        when the estimate costs more than the answer.
+        """
+        return self.check(request)
+
     def fills_output(self, request) -> bool:
         """Whether running ``request`` writes every element of ``request.out4``.
 

@@ -98,6 +98,11 @@ class CythonBackend(Backend):
         cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
         return Verdict(True, f"{n} thread(s)", cost)
 
+    def accepts(self, request) -> Verdict:
+        if request.op == "attention" and not runs_user_code(request):
+            return Verdict(True, "fused engine or tiled driver", 0.0)  # either one serves it
+        return self.check(request)
+
     def fills_output(self, request) -> bool:
         # The fused engine writes every output row, zeros included.
         return request.op == "attention" and not fused_attention.usable(request, _kernels)

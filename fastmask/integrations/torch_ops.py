@@ -34,6 +34,7 @@ import torch
 from .. import masks
 from ..attention import _attention_into
 from ..attention import attention as _fm_attention
+from ..masks.base import MaskPlan, canonical_dims
 from ..request import as_array
 
 __all__ = ["attention", "attention_with_weights", "structured_mask"]
@@ -90,6 +91,45 @@ def _dense_band(lq: int, lk: int, diag: int, ahead: int | None, behind: int) -> 
     return masks.keep(keep)
 
 
+class KeysFrom(masks.MaskStrategy):
+    """Keep keys ``j >= first[b]`` (left padding, by where each sequence starts).
+
+    Unlike ``masks.padding(lengths, side="left")``, whose lengths grow with every
+    generated token, this does not depend on the key count: the same object serves
+    every decode step of a batched generation, and fastmask reuses its request
+    (``plans_any_lk``) instead of rebuilding it on each step.
+    """
+
+    immutable = True
+    plans_any_lk = True  # plan() is the same for any Lk (clipped to it by the caller)
+
+    def __init__(self, first: np.ndarray) -> None:
+        self.first = first.astype(np.int64).reshape(-1, 1, 1)
+        self.first.flags.writeable = False
+        self._hi = np.full((1, 1, 1), np.iinfo(np.int64).max // 2)
+
+    def plan(self, shape: tuple[int, ...]) -> MaskPlan:
+        b = canonical_dims(shape)[0]
+        if self.first.shape[0] not in (1, b):
+            raise ValueError(f"KeysFrom has {self.first.shape[0]} rows; the scores {shape} "
+                             f"have a batch of {b}")  # fmt: skip
+        return MaskPlan(lo=self.first, hi=self._hi)
+
+    def _dense(self, shape: tuple[int, ...]) -> np.ndarray:
+        b, h, q, n = canonical_dims(shape)
+        keep = np.arange(n)[None, :] >= self.first.reshape(-1, 1)
+        return np.broadcast_to(keep[:, None, None, :], (b, h, q, n)).reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"KeysFrom({self.first.ravel().tolist()})"
+
+
+@functools.lru_cache(maxsize=64)
+def _keys_from(first: bytes) -> KeysFrom:
+    """One :class:`KeysFrom` per padding pattern (the decode steps of one batch share it)."""
+    return KeysFrom(np.frombuffer(first, np.int64))
+
+
 def _padding(key_padding: np.ndarray, k_start: int, lk: int) -> Any:
     """``padding`` strategies for a ``(B, n)`` keep-mask of key positions, from ``k_start``.
 
@@ -102,10 +142,13 @@ def _padding(key_padding: np.ndarray, k_start: int, lk: int) -> Any:
         pm = pm != 0
     if pm.shape[1] < lk:  # keys past the 2-D mask are padding (as transformers pads it)
         pm = np.concatenate([pm, np.zeros((pm.shape[0], lk - pm.shape[1]), bool)], axis=1)
-    if pm.all():
-        return None
     count = pm.sum(axis=1)
+    if not pm.size or count.min() == lk:
+        return None
     first = np.argmax(pm, axis=1)
+    if pm[:, -1].all() and np.array_equal(count, lk - first):
+        # Left padding only (batched generation: every row runs to the newest key).
+        return _keys_from(first.astype(np.int64).tobytes())
     last = lk - np.argmax(pm[:, ::-1], axis=1)
     any_ = count > 0
     lo = np.where(any_, first, 0)
@@ -156,8 +199,11 @@ def structured_mask(
         (None: every key is kept).
     """
     band = None
-    if max_ahead is not None or max_behind is not None:
-        diag = q_start - k_start
+    diag = q_start - k_start
+    keeps_all = (max_ahead is None or diag + max_ahead >= lk - 1) and (
+        max_behind is None or diag + lq - 1 - max_behind <= 0
+    )  # every query sees every key (a decode step): no band to plan or route on
+    if not keeps_all:
         band = _band(lq, lk, diag, max_ahead, max_behind)
         if band is None:
             band = _dense_band(lq, lk, diag, max_ahead, max_behind)

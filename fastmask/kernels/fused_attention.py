@@ -133,7 +133,13 @@ def plan(request, kernels) -> EnginePlan:
     lk = request.k4.shape[2]
     rows, g, gsub, nq, hkv, nsub, items = _items(request, kernels)
     computed = blocks = key_rows = 0
-    if items and lk:
+    if items and lk and request.bounds4 is None:
+        # Every item visits every key (a decode step, no mask): the sums below in closed
+        # form, with no NumPy call on the routing path of each new key count.
+        computed = request.size
+        key_rows = items * lk
+        blocks = items * -(-lk // BLOCK_KEYS)
+    elif items and lk:
         q_starts, lo, hi = item_ranges(request, kernels)
         span = hi - lo
         first = np.arange(hkv * nsub) % nsub * gsub
