@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import pytest
 from conftest import DTYPES, TOLERANCE
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -189,3 +190,16 @@ def test_a_bias_that_cancels_large_logits(backend, data, dtype):
         assume(np.abs(x * s).max() < 1e3)  # the reference's own rounding (see above)
     y = fm.masked_softmax(x, bias=bias, scale=scale, backend=backend)
     _check(y, x, bias=bias, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_logits_plus_bias_beyond_the_compute_dtype(backend, dtype):
+    """x * scale + bias overflows float32 (the compute dtype) but not float64: the
+    weights are still the float64 reference's, on every backend."""
+    big = float(np.finfo(dtype).max)
+    x = np.array([[big, big / 2, 1.0, -big], [1.0, 2.0, 3.0, 4.0]], dtype)
+    bias = np.array([[3e38, 3e38, 0.0, 3e38], [3e38, -3e38, 3e38, 3e38]], np.float32)
+    for scale in (None, 2.0, 1e30):
+        with np.errstate(over="ignore"):
+            y = fm.masked_softmax(x, bias=bias, scale=scale, backend=backend)
+        _check(y, x, bias=bias, scale=scale)

@@ -758,6 +758,12 @@ def _kernel_functions(helpers_stamp: str):
 
 _prange = range  # rebound to numba.prange by _install()
 
+#: Compiled without fast-math flags (they stay on their instructions when inlined):
+#: the float64 staging must round ``x * sc + b`` and ``- max`` as written, like the
+#: reference; ``reassoc`` would fold it into ``x * sc + (b - max)``, exact where the
+#: reference rounds (a bias of 3e38 beside logits of 6e4).
+_STRICT = frozenset({"_stage_z"})
+
 _JIT_LOOP = (
     "_prefetch_read",
     "_offset",
@@ -1024,7 +1030,7 @@ def _install() -> None:
 
         g = globals()
         for name in _JIT_LOOP:
-            g[name] = numba.njit(fastmath=flags)(g[name])
+            g[name] = numba.njit(fastmath=False if name in _STRICT else flags)(g[name])
         g["_prange"] = numba.prange
         _installed = True
 
