@@ -673,42 +673,40 @@ def _exp(x):
     return out
 
 
-def _half_to_float(h):
-    """The kernels' float16 -> float32 conversion on a 1-D uint16 array of bit patterns."""
+cdef _widen(h, fm_h2f_fn fn):
     cdef cnp.ndarray a = np.ascontiguousarray(h, dtype=np.uint16)
     cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.float32)
-    fm_isa().h2f(<const uint16_t *>cnp.PyArray_DATA(a), <float *>cnp.PyArray_DATA(out),
-                 a.shape[0])
+    fn(<const uint16_t *>cnp.PyArray_DATA(a), <float *>cnp.PyArray_DATA(out), a.shape[0])
     return out
+
+
+cdef _narrow(f, fm_f2h_fn fn):
+    cdef cnp.ndarray a = np.ascontiguousarray(f, dtype=np.float32)
+    cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.uint16)
+    fn(<const float *>cnp.PyArray_DATA(a), <uint16_t *>cnp.PyArray_DATA(out), a.shape[0])
+    return out
+
+
+def _half_to_float(h):
+    """The kernels' float16 -> float32 conversion on a 1-D uint16 array of bit patterns."""
+    return _widen(h, fm_isa().h2f)
 
 
 def _float_to_half(f):
     """The kernels' float32 -> float16 rounding on a 1-D float32 array; returns uint16 bits."""
-    cdef cnp.ndarray a = np.ascontiguousarray(f, dtype=np.float32)
-    cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.uint16)
-    fm_isa().f2h(<const float *>cnp.PyArray_DATA(a), <uint16_t *>cnp.PyArray_DATA(out),
-                 a.shape[0])
-    return out
+    return _narrow(f, fm_isa().f2h)
 
 
 def _bfloat16_to_float(h):
     """The kernels' bfloat16 -> float32 conversion on a 1-D uint16 array of bit patterns."""
-    cdef cnp.ndarray a = np.ascontiguousarray(h, dtype=np.uint16)
-    cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.float32)
-    fm_isa().bf2f(<const uint16_t *>cnp.PyArray_DATA(a), <float *>cnp.PyArray_DATA(out),
-                  a.shape[0])
-    return out
+    return _widen(h, fm_isa().bf2f)
 
 
 def _float_to_bfloat16(f):
     """The kernels' float32 -> bfloat16 rounding on a 1-D float32 array (the conversion
     the variant in use stores with: VCVTNEPS2BF16 or the integer code); returns uint16
     bits."""
-    cdef cnp.ndarray a = np.ascontiguousarray(f, dtype=np.float32)
-    cdef cnp.ndarray out = np.empty(a.shape[0], dtype=np.uint16)
-    fm_isa().f2bf(<const float *>cnp.PyArray_DATA(a), <uint16_t *>cnp.PyArray_DATA(out),
-                  a.shape[0])
-    return out
+    return _narrow(f, fm_isa().f2bf)
 
 
 def _set_bf16_native(allow):
