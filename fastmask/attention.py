@@ -9,7 +9,7 @@ import numpy as np
 
 from . import device, device_attention, router
 from .api import _like
-from .attention_request import build_attention_requests, plan_keep_and_bounds, with_operands
+from .attention_request import build_attention_requests, with_operands
 from .masks import MaskStrategy
 from .threads import get_num_threads
 
@@ -192,11 +192,7 @@ def _attention_into(
     if hit is not None and hit[0] is mask and router.cached(hit[1]) is hit[2]:
         # (a decision that no longer holds, after a plugin change, rebuilds everything)
         _, template, chosen, fills = hit
-        bounds = template.bounds4
-        if bounds is not None and k.shape[2] != template.key[2][2]:
-            shape = (*q.shape[:3], k.shape[2])
-            bounds = plan_keep_and_bounds(mask.plan(shape), shape)[1]
-        request = with_operands(template, q, k, v, out, bounds)
+        request = with_operands(template, q, k, v, out)
         if request.key is not template.key:  # a new Lk: route it (its family is known)
             chosen = router.choose(request)
             fills = chosen.fills_output(request)

@@ -163,22 +163,20 @@ def _keys(q_shape, k_shape, v_shape, dtype, rest: tuple) -> tuple[tuple, tuple]:
 
 
 def with_operands(
-    template: AttentionRequest,
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    bounds4: np.ndarray | None = None,
+    template: AttentionRequest, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray
 ) -> AttentionRequest:
     """``template`` (one 4-D request without a dense mask or a bias) with new 4-D
     operands of the same dtype whose shapes may differ in ``Lk`` only (a decode
-    step's growing KV cache), and ``bounds4`` planned for that ``Lk``."""
+    step's growing KV cache); a new ``Lk`` re-plans the strategy's intervals for it."""
     if k.shape == template.key[2] and v.shape == template.key[3]:
-        key, family = template.key, template.family
-    else:
-        key, family = _keys(q.shape, k.shape, v.shape, q.dtype, template.key[5:])
+        return dataclasses.replace(template, q4=q, k4=k, v4=v, out4=out)
+    key, family = _keys(q.shape, k.shape, v.shape, q.dtype, template.key[5:])
+    bounds = template.bounds4
+    if bounds is not None:
+        shape = (*q.shape[:3], k.shape[2])
+        bounds = plan_keep_and_bounds(template.strategy.plan(shape), shape)[1]
     return dataclasses.replace(template, q4=q, k4=k, v4=v, out4=out, key=key, family=family,
-                               bounds4=bounds4)  # fmt: skip
+                               bounds4=bounds)  # fmt: skip
 
 
 def _strategy(mask: Any) -> MaskStrategy | None:

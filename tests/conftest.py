@@ -32,6 +32,17 @@ TOLERANCE = {
 DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
 
 
+class BackendsPlugin:
+    """A plugin offering the given backend objects (tests register their toy backends)."""
+
+    def __init__(self, *backends: fm.Backend) -> None:
+        self.backends = list(backends)
+
+    @fm.hookimpl
+    def fastmask_backends(self):
+        return self.backends
+
+
 def backend_available(name: str) -> tuple[bool, str]:
     backend = fm.plugins.backends().get(name)
     if backend is None:

@@ -7,6 +7,7 @@ import tracemalloc
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import BackendsPlugin
 
 import fastmask as fm
 from fastmask.attention_request import build_attention_requests
@@ -452,14 +453,8 @@ class _SoftmaxOnly(fm.Backend):
         fm.plugins.backends()["numpy"].masked_softmax(request)
 
 
-class _Plugin:
-    @fm.hookimpl
-    def fastmask_backends(self):
-        return [_SoftmaxOnly()]
-
-
 def test_backends_declare_the_ops_they_implement():
-    plugin = _Plugin()
+    plugin = BackendsPlugin(_SoftmaxOnly())
     fm.plugins.register(plugin, name="softmax-only-plugin")
     try:
         rng = np.random.default_rng(20)

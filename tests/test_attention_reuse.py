@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import BackendsPlugin
 
 import fastmask as fm
 from fastmask import router
@@ -144,18 +145,9 @@ class Declining(fm.Backend):
         fm.plugins.backends()["numpy"].attention(request)
 
 
-class Plugin:
-    def __init__(self, backend):
-        self.backend = backend
-
-    @fm.hookimpl
-    def fastmask_backends(self):
-        return [self.backend]
-
-
 def test_a_family_decision_is_checked_by_its_backend_before_it_is_used():
     backend = Declining(limit=110)
-    plugin = Plugin(backend)
+    plugin = BackendsPlugin(backend)
     fm.plugins.register(plugin, name="declining")
     try:
         rng = np.random.default_rng(5)

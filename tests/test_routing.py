@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import BackendsPlugin
 
 import fastmask as fm
 from fastmask import router
@@ -41,22 +42,13 @@ class ToyBackend(fm.Backend):
         fm.plugins.backends()["numpy"].masked_softmax(request)
 
 
-class ToyPlugin:
-    def __init__(self, backend):
-        self.backend = backend
-
-    @fm.hookimpl
-    def fastmask_backends(self):
-        return [self.backend]
-
-
 @pytest.fixture
 def toy():
     created = []
 
     def make(**kw):
         backend = ToyBackend(**kw)
-        plugin = ToyPlugin(backend)
+        plugin = BackendsPlugin(backend)
         fm.plugins.register(plugin, name=f"toy-{len(created)}")
         created.append(plugin)
         return backend
