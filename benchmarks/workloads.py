@@ -192,7 +192,7 @@ WORKLOADS: dict[str, Workload] = {
                  _no_inputs, op="memory"),
         Workload("pipeline", "in one process: fastmask right after NumPy/torch matmuls and "
                  "back, vs alone; an encoder layer, NumPy + fastmask vs torch", _no_inputs,
-                 op="pipeline", repeats=15, quick_repeats=6),
+                 op="pipeline", repeats=25, quick_repeats=5),
         Workload("hf", "Hugging Face transformers: fastmask vs sdpa inside a Llama-style "
                  "decoder (prefill, decode) and BERT (all-MiniLM-L6-v2)", _no_inputs, op="hf",
                  repeats=9, quick_repeats=3),  # 9: a decode step's model time drifts ~10%

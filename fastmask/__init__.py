@@ -10,6 +10,11 @@ from . import compat, masks, plugins
 from ._version import __version__
 from .api import explain, masked_softmax
 from .attention import attention, explain_attention
+
+# The compiled kernels load with the package, not at the first call: their OpenMP
+# runtime takes fastmask's short spin only if it loads before another library's (torch
+# ships libgomp), and NumPy's OpenBLAS workers get theirs (fastmask.openblas_spin).
+from .backends import cython_backend as _cython_backend  # noqa: F401
 from .backends.base import Backend, Verdict
 from .hookspecs import hookimpl
 from .router import BackendError

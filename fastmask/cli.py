@@ -34,9 +34,12 @@ def _info() -> int:
         print(f"  {name:<8} {backend.device:<5} {state}{extra}")
         if backend.description:
             print(f"  {'':<8} {'':<5} {backend.description}")
+    from . import openblas_spin
     from .threads import openmp_spin_setting
 
     print(f"OpenMP spin after a region: {openmp_spin_setting() or 'extension not loaded'}")
+    for path, done in openblas_spin.setting().items():
+        print(f"OpenBLAS {os.path.basename(path)}: {done}")
     print("plugins:")
     for info in plugins.list_plugins():
         kind = "built-in" if info.builtin else "external"

@@ -193,9 +193,11 @@ def test_pipeline_alternates_without_pauses_and_times_both_directions():
     trace = []
     f, nb = (lambda: trace.append("f")), (lambda: trace.append("n"))
     t = pipeline.interplay(f, nb, samples=pipeline.ROUNDS, settle=0.0)
-    assert set(t) == {"f", "n", "f after n", "n after f"} and all(s >= 0 for s in t.values())
-    # each round: f alone (an untimed start, one timed), n alone, then n f alternating
-    assert "".join(trace) == "ffnnnfnf" * pipeline.ROUNDS
+    assert set(t) == {"f", "n", "f after n", "n after f", "f after n idle", "n after f idle"}
+    assert all(s >= 0 for s in t.values())
+    # each round: f alone (an untimed start, one timed), n alone, then n f alternating,
+    # then n f alternating with the pools idle in between (untimed, not traced)
+    assert "".join(trace) == "ffnnnfnfnfnf" * pipeline.ROUNDS
 
 
 def test_pipeline_rows_cover_every_case_neighbour_and_direction():
@@ -207,21 +209,29 @@ def test_pipeline_rows_cover_every_case_neighbour_and_direction():
     neighbours = [n for n, _ in pipeline.neighbour_cases(torch, small=True)]
     assert len(cases) == 6 and len(neighbours) == 4
     pairs = {r.impl: r for r in rows if r.note in ("ok", pipeline.MISSED)}
+    controls = {r.impl: r for r in rows if r.note == pipeline.CONTROL}
     for c in cases:
         for n in neighbours:
             for timed, other in ((c, n), (n, c)):
                 r = pairs.pop(f"{timed} after {other}")
                 assert r.seconds > 0 and r.value > 0 and r.unit == "x"
                 assert (r.note == "ok") == (r.value <= pipeline.TARGET)
-    assert not pairs
+                ctl = controls.pop(f"{timed} after {other}, pools idle")
+                assert ctl.seconds > 0 and ctl.value > 0 and ctl.unit == "x"
+    assert not pairs and not controls
     layer = {r.impl: r for r in rows if r.impl.startswith("encoder layer")}
     ratio = layer["encoder layer: NumPy + fm.attention / torch"].value
     numpy_s = layer["encoder layer: NumPy + fm.attention"].seconds
     assert ratio == pytest.approx(numpy_s / layer["encoder layer: torch matmuls + sdpa"].seconds)
-    (target,) = pipeline.check(rows)
-    assert target.measured == max(r.value for r in rows if r.note in ("ok", pipeline.MISSED))
+    raw, pools = pipeline.check(rows)
+    assert raw.measured == max(r.value for r in rows if r.note in ("ok", pipeline.MISSED))
+    idle = {r.impl.removesuffix(", pools idle"): r.value
+            for r in rows if r.note == pipeline.CONTROL}  # fmt: skip
+    shares = [r.value / idle[r.impl] for r in rows if r.note in ("ok", pipeline.MISSED)]
+    assert pools.measured == pytest.approx(max(shares))
     table = runner.format_table(rows)
     assert "right after" in table and "pipeline: worst of 48" in table
+    assert "thread pools' part" in table and "pools idle" not in table  # shown as columns
 
 
 def test_pipeline_encoder_layers_compute_the_same():

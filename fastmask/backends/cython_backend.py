@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from .. import openblas_spin
 from ..hookspecs import hookimpl
 from ..kernels import fused_attention, tiled_attention
 from ..masks.custom import runs_user_code
@@ -34,6 +35,7 @@ except ImportError as exc:  # built without a compiler, or a broken build
         warnings.warn(_IMPORT_ERROR, RuntimeWarning, stacklevel=2)
 else:
     _IMPORT_ERROR = ""
+    openblas_spin.shorten()  # NumPy's BLAS workers must not spin through our regions
     # GNU OpenMP is not fork-safe. Before a fork the OpenMP pool is released when no
     # region is running, so the child can start a fresh one; otherwise the child
     # runs these kernels serially.
