@@ -115,12 +115,17 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const float *qr[FM_AT_SMALL_ROWS];
     FM_AT_ALIGN64 float o[FM_AT_SMALL_ROWS * FM_AT_SMALL_DV];
+    float boff[FM_AT_SMALL_ROWS]; /* each row's bias offset (fm_at_bias_offset), or 0 */
     fm_ssize r, k0, j, e;
 
     for (r = 0; r < nr; r++) {
         qr[r] = (const float *)(a->q + it->b * a->qs_b + it->h[r] * a->qs_h + it->qi[r] * a->qs_q);
         m[r] = -INFINITY;
         l[r] = 0;
+        /* over the whole row, not [ka, kb): split pieces must agree */
+        boff[r] = a->bias && !a->score && !a->pred
+                      ? (float)fm_at_bias_offset(a, it->b, it->h[r], it->qi[r], lo[r], hi[r], 0)
+                      : 0.0f;
     }
     for (r = nr; r < rp; r++) {
         m[r] = -INFINITY;
@@ -181,7 +186,9 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
                 keep &= (__mmask16)(nk - j >= 16 ? 0xffffu : (1u << (nk - j)) - 1u);
                 if (kr) keep &= fm_at_keep16(kr + j * a->kps_k, a->kps_k, nk - j);
                 s = _mm512_mul_ps(_mm512_loadu_ps(sr + j), sc);
-                if (br) s = _mm512_add_ps(s, fm_at_bias16(br + j * a->bs_k, a->bs_k, keep));
+                if (br)
+                    s = _mm512_add_ps(s, _mm512_sub_ps(fm_at_bias16(br + j * a->bs_k, a->bs_k, keep),
+                                                       _mm512_set1_ps(boff[r])));
                 s = _mm512_mask_mov_ps(ninf, keep, s);
                 mb = _mm512_max_ps(s, mb); /* a NaN s leaves mb as it was */
                 _mm512_storeu_ps(sr + j, s);

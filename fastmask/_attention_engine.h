@@ -64,6 +64,29 @@ typedef struct {
     int64_t failed; /* out: the first row (b * H + h) * Lq + q on which one raised, or -1 */
 } fm_attn_args;
 
+/* The largest finite bias over the kept keys [lo, hi) of row (b, h, q) (a dense keep
+ * mask applied), 0 when none is. The engine subtracts it from the row's bias, which
+ * leaves the weights as they are: a bias whose kept values share a large offset
+ * (TensorFlow's -1e9 on a whole padding row, a common constant) would otherwise be
+ * added to the scores before the running max is subtracted, and every float32 score
+ * would lose |offset| * 2^-24 (wrong weights beyond 1e7). The difference bias - offset
+ * is exact for biases within a factor 2 of the offset. f64: the bias is double. */
+static FM_UNUSED double fm_at_bias_offset(const fm_attn_args *a, fm_ssize b, fm_ssize h,
+                                          fm_ssize q, fm_ssize lo, fm_ssize hi, int f64)
+{
+    const char *br = a->bias + b * a->bs_b + h * a->bs_h + q * a->bs_q;
+    const char *kr = a->keep ? a->keep + b * a->kps_b + h * a->kps_h + q * a->kps_q : NULL;
+    double c = -HUGE_VAL;
+    fm_ssize j;
+    for (j = lo; j < hi; j++) {
+        double v;
+        if (kr && !kr[j * a->kps_k]) continue;
+        v = f64 ? *(const double *)(br + j * a->bs_k) : (double)*(const float *)(br + j * a->bs_k);
+        if (v > c && v < HUGE_VAL) c = v; /* NaN and +inf ignored: they decide the row */
+    }
+    return c > -HUGE_VAL ? c : 0.0;
+}
+
 #if defined(__GNUC__) || defined(__clang__) /* the engine's compilers (FM_AT_ENGINE) */
 /* A user function raised on row (b, h, q): remember the smallest such row (any
  * thread), so the error reported does not depend on the scheduling. */

@@ -337,6 +337,13 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
     fm_ssize sl_ra[FM_AT_BK / FM_AT_SLICE + 1], sl_rb[FM_AT_BK / FM_AT_SLICE + 1];
     int first = 1; /* no block computed yet: O^T holds nothing (written, not added to) */
     int whole = 1;
+    FM_AT_T boff[FM_AT_RMAX]; /* each row's bias offset (fm_at_bias_offset), or 0 */
+
+    for (r = 0; r < it->nrows; r++) /* over the whole row: split pieces must agree */
+        boff[r] = bt && !a->score && !a->pred
+                      ? (FM_AT_T)fm_at_bias_offset(a, it->b, it->h[r], it->qi[r], lo[r], hi[r],
+                                                   !FM_AT_F32)
+                      : 0;
 
     for (i0 = 0; i0 < nrv; i0++) {
         rv_lo[i0] = kb;
@@ -375,7 +382,8 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
                 if (bt) {
                     const char *br = a->bias + it->b * a->bs_b + h * a->bs_h + q * a->bs_q +
                                      k0 * a->bs_k;
-                    for (j = 0; j < nk; j++) bt[j * rp + r] = *(const FM_AT_T *)(br + j * a->bs_k);
+                    for (j = 0; j < nk; j++)
+                        bt[j * rp + r] = *(const FM_AT_T *)(br + j * a->bs_k) - boff[r];
                 }
                 if (kt && a->keep) {
                     const char *kr = a->keep + it->b * a->kps_b + h * a->kps_h +

@@ -69,6 +69,22 @@ typedef ptrdiff_t fm_ssize; /* same width and signedness as Py_ssize_t */
 #define FM_RESTRICT
 #endif
 
+/* v, rounded to double where it stands: a product passed through here is not fused
+ * with the next addition (compilers contract a * b + c into one FMA, one rounding
+ * where the float64 reference rounds twice). */
+FM_INLINE double fm_rounded(double v)
+{
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    __asm__("" : "+x"(v));
+#elif defined(__GNUC__) || defined(__clang__)
+    __asm__("" : "+m"(v));
+#else
+    volatile double box = v;
+    v = box;
+#endif
+    return v;
+}
+
 /* Prefetch the byte at p + off: a hint that never faults (off may point past the
  * array; the address is formed as an integer, not by pointer arithmetic). */
 #if defined(__GNUC__) || defined(__clang__)
@@ -1231,8 +1247,9 @@ FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, const unsigned char *keep,
  * at 1e3 that is already 2x the contract's 1e-5). Such rows store z - max into e from
  * z = x * scale + bias formed in double, the float64 reference's own arithmetic (with
  * the call's double scale: float32's rounded scale would be off by (x_i - x_j) * scale
- * * 2^-24 between keys whose logits the bias brings together). keep (or NULL) masks keys out; amax is max |x| over the
- * row. *m becomes 0. Returns whether it did; not for float64 (its own rounding is the
+ * * 2^-24 between keys whose logits the bias brings together; and the product rounded
+ * before the bias is added, not fused with it). keep (or NULL) masks keys out; amax is
+ * max |x| over the row. *m becomes 0. Returns whether it did; not for float64 (its own rounding is the
  * reference's) nor when nothing kept is finite in double.
  */
 FM_INLINE int FM_FN(fm_bias_z_to_memory)(const FM_T *src, const unsigned char *keep,
@@ -1246,15 +1263,16 @@ FM_INLINE int FM_FN(fm_bias_z_to_memory)(const FM_T *src, const unsigned char *k
         FM_MAX(*m, -*m) < FM_Z_OFFSET_MAX)
         return 0;
     for (i = 0; i < n; i++) {
-        const double z = keep != NULL && !keep[i] ? -HUGE_VAL
-                                                  : (double)src[i] * (double)scale + (double)bias[i];
+        const double z = keep != NULL && !keep[i]
+                             ? -HUGE_VAL
+                             : fm_rounded((double)src[i] * scale) + (double)bias[i];
         md = z > md ? z : md; /* NaN ignored, as in pass 1 */
     }
     if (!(md > -HUGE_VAL)) return 0; /* nothing finite kept: the caller's zero / NaN scan */
     for (i = 0; i < n; i++)
         e[i] = keep != NULL && !keep[i]
                    ? FM_NEG_INF
-                   : (FM_T)((double)src[i] * (double)scale + (double)bias[i] - md);
+                   : (FM_T)(fm_rounded((double)src[i] * scale) + (double)bias[i] - md);
     *m = 0;
     return 1;
 }
@@ -1445,11 +1463,14 @@ FM_INLINE int FM_FN(fm_core_dispatch)(const FM_T *src, const unsigned char *FM_R
                                       const FM_T *FM_RESTRICT bias, double scale, fm_ssize n,
                                       FM_T *FM_RESTRICT e, FM_T *inv, fm_ssize pf)
 {
-    /* The staging paths form products in double from the scale rounded to FM_T: exact
-     * for float32, so a fused and an unfused evaluation agree to the bit (a double
-     * scale would make them differ by a rounding of |z|, beyond exp's range at 1e18). */
+    /* An unbiased row's staging forms products in double from the scale rounded to
+     * FM_T: exact for float32, so a fused and an unfused evaluation agree to the bit (a
+     * double scale would make them differ by a rounding of |z|, beyond exp's range at
+     * 1e18). A biased row's staging keeps the call's double scale, as the reference
+     * forms z: with the rounded one, keys whose logits the bias brings together would
+     * be off by (x_i - x_j) * scale * 2^-24 (2e-5 relative at |x_i - x_j| ~ 8e3). */
     const FM_T sc = (FM_T)scale;
-    scale = (double)sc;
+    if (!bias) scale = (double)sc;
     if (keep) {
         if (bias) return FM_FN(fm_core)(src, keep, bias, sc, scale, n, e, inv, pf, 1, 1);
         return FM_FN(fm_core)(src, keep, NULL, sc, scale, n, e, inv, pf, 1, 0);

@@ -78,6 +78,33 @@ def test_decode_split_keys_left_padding(backend, with_bias):
     assert np.all(out[2] == 0)
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e5, 1e7, 2.0**30, -1e9])
+@pytest.mark.parametrize(
+    "shapes",
+    [((1, 2, 70, 16), (1, 2, 150, 16)),  # rows in lanes, several key blocks
+     ((3, 4, 1, 64), (3, 1, 3000, 64))],  # decode rows, keys split across threads
+    ids=["tile", "decode-split"],
+)  # fmt: skip
+def test_a_bias_that_shares_a_large_offset(backend, shapes, offset):
+    """A bias whose kept values share a large offset (a common constant, TensorFlow's
+    -1e9 on a whole padding row) leaves the weights softmax(q k^T * scale + rest), as
+    in float64: the offset is not rounded into the float32 scores."""
+    rng = np.random.default_rng(21)
+    q, k, v = qkv(rng, *shapes)
+    b, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+    bias = (offset + rng.standard_normal((b, 1, lq, lk)) * 2).astype(np.float32)
+    bias[..., ::7] = -1e9  # masked keys beside the offset ones
+    if lq > 1:
+        bias[0, 0, 3] = -1e9  # a whole row of -1e9: the offset, shared
+    keep = rng.random((b, 1, lq, lk)) < 0.8
+    keep[..., 0] = False  # the row's first key is masked: the offset ignores it
+    bias[..., 0] = 1e30
+    mask = m.padding(np.array([lk, lk // 3, lk - 5][:b]), side="left") & m.keep(keep)
+    out = fm.attention(q, k, v, mask, bias=bias, backend=backend)
+    ref, _ = reference(q, k, v, mask.to_dense((*q.shape[:-1], lk)), bias)
+    check(out, ref, np.float32)
+
+
 def test_nan_and_inf_rows(backend):
     """A kept NaN or +inf score makes its row NaN (in whichever key block or split
     piece it falls); a NaN at a masked key changes nothing; -inf everywhere: zeros."""

@@ -287,17 +287,21 @@ def _bias_needs_staging(xp, bp, n, sc, m):
     return np.float64(a) * abs(np.float64(sc)) >= 64.0
 
 
-def _stage_z(xp, kp, dp, n, sc, bp, hk, hb):
+def _stage_z(xp, kp, dp, n, sc, bp, hk, hb, sd):
     """dp[j] = x[j]*sc (+ b[j]) - max(kept), computed in float64 (``dp`` may be ``xp``).
 
-    Exact products for float32 logits, so near-ties keep their weights at any
+    ``sd`` is the call's float64 scale: a biased row is formed with it, as the reference
+    forms z (with ``sc`` rounded to float32, keys whose logits the bias brings together
+    would be off by (x_i - x_j) * scale * 2**-24). Exact products for float32 logits,
+    so near-ties keep their weights at any
     magnitude, a product that overflows float32 stays finite and a bias that
     cancels large logits is added before anything is rounded; for float64 the
     products and sums rounded once each, as the reference rounds them. Returns
     the max: -inf when nothing is kept, NaN when a kept z is NaN (a NaN logit or bias:
     the row is NaN, as the reference makes it; an overflow in float32 is not one here).
     """
-    sd = np.float64(sc)
+    if not hb:  # unbiased: the rounded scale, so that staged and fused rows agree to the bit
+        sd = np.float64(sc)
     md = -np.inf
     nan = False
     for j in range(n):
@@ -330,11 +334,11 @@ def _stage_z(xp, kp, dp, n, sc, bp, hk, hb):
     return md
 
 
-def _row_staged(xp, kp, bp, ep, n, sc, hk, hb):
+def _row_staged(xp, kp, bp, ep, n, sc, hk, hb, sd):
     """:func:`_row_core` from z - max staged in float64 (:func:`_stage_z`)."""
     one = _cval(bp, 1.0)
     dp = _dest(xp, ep)
-    md = _stage_z(xp, kp, dp, n, sc, bp, hk, hb)
+    md = _stage_z(xp, kp, dp, n, sc, bp, hk, hb, sd)
     if md != md:
         return 2, one
     if md == -np.inf:
@@ -343,7 +347,7 @@ def _row_staged(xp, kp, bp, ep, n, sc, hk, hb):
     return (2, one) if s != s else (0, _cval(bp, 1.0 / s))  # NaN: a kept +inf logit
 
 
-def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
+def _row_core(xp, kp, bp, ep, n, sc, hk, hb, sd):
     """Passes 1 and 2 of one row's kept range (``ep`` None: in place in ``xp``).
 
     Returns ``(code, inv)``: code 0 = ``ep`` holds the unnormalised weights and
@@ -368,17 +372,17 @@ def _row_core(xp, kp, bp, ep, n, sc, hk, hb):
     m = _pass1(xp, kp, bp, n, sc, hk, hb)
     one = _cval(bp, 1.0)
     if hb and _bias_needs_staging(xp, bp, n, sc, m):
-        return _row_staged(xp, kp, bp, ep, n, sc, hk, hb)
+        return _row_staged(xp, kp, bp, ep, n, sc, hk, hb, sd)
     if m != m or (m == np.inf and hb):
         return 2, one
     if m == -np.inf and (hb or not abs(sc) > one):
         return 1, one
     if not abs(m) < _fused_max(bp):  # also a float32 product that overflowed (no bias)
-        return _row_staged(xp, kp, bp, ep, n, sc, hk, hb)
+        return _row_staged(xp, kp, bp, ep, n, sc, hk, hb, sd)
     s = _row_exp(xp, kp, bp, ep, n, sc, m, hk, hb)
     if hb and not (s >= 0.5 and s < np.inf):
         if not _in_place(ep):
-            return _row_staged(xp, kp, bp, ep, n, sc, hk, hb)
+            return _row_staged(xp, kp, bp, ep, n, sc, hk, hb, sd)
         if not (s > 0.0 and s < np.inf):
             return 2, one
     return 0, _cval(bp, 1.0 / s)
@@ -592,6 +596,7 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns):
     lanes = 64 // out.itemsize
     use_buf = os3 != 1 or _is_narrow(out) or stream
     sc = bias.dtype.type(scale)
+    sd = np.float64(scale)  # a biased row's staging forms z with it (_stage_z)
     zero = bias.dtype.type(0.0)
     nan = bias.dtype.type(np.nan)
     xline = max(1, 64 // x.itemsize)
@@ -680,7 +685,7 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns):
 
         if stream:
             ep = _ne.address(ebuf, 0)
-            code, inv = _row_core(xp, kp, bp, ep, n, rsc, rhk, rhb)
+            code, inv = _row_core(xp, kp, bp, ep, n, rsc, rhk, rhb, sd)
             if code == 0:
                 _stream_row(op, N, lo, hi, ep, inv, lanes)
             elif code == 1:
@@ -690,16 +695,16 @@ def _rows(x, out, keep, bias, bounds, p, scale, r0, r1, fns):
             continue
         if use_buf:
             ep = _ne.address(ebuf, 0)
-            code, inv = _row_core(xp, kp, bp, ep, n, rsc, rhk, rhb)
+            code, inv = _row_core(xp, kp, bp, ep, n, rsc, rhk, rhb, sd)
             if code == 0:
                 _scale_store(ep, _ne.address(op, lo * os3), os3, n, inv)
         else:
             oq = _ne.address(op, lo)
             if rinplace:
                 # the same memory as xp: one pointer, not two to check
-                code, inv = _row_core(oq, kp, bp, None, n, rsc, rhk, rhb)
+                code, inv = _row_core(oq, kp, bp, None, n, rsc, rhk, rhb, sd)
             else:
-                code, inv = _row_core(xp, kp, bp, oq, n, rsc, rhk, rhb)
+                code, inv = _row_core(xp, kp, bp, oq, n, rsc, rhk, rhb, sd)
             if code == 0:
                 _scale_inplace(oq, n, inv)
 
