@@ -123,9 +123,8 @@ static FM_TARGET_AVX512 void fm_at_small_run(fm_attn_args *a, const fm_at_item *
         m[r] = -INFINITY;
         l[r] = 0;
         /* over the whole row, not [ka, kb): split pieces must agree */
-        boff[r] = a->bias && !a->score && !a->pred
-                      ? (float)fm_at_bias_offset(a, it->b, it->h[r], it->qi[r], lo[r], hi[r], 0)
-                      : 0.0f;
+        boff[r] = a->bias ? (float)fm_at_bias_offset(a, it->b, it->h[r], it->qi[r], lo[r], hi[r], 0)
+                          : 0.0f;
     }
     for (r = nr; r < rp; r++) {
         m[r] = -INFINITY;

@@ -65,7 +65,8 @@ typedef struct {
 } fm_attn_args;
 
 /* The largest finite bias over the kept keys [lo, hi) of row (b, h, q) (a dense keep
- * mask applied), 0 when none is. The engine subtracts it from the row's bias, which
+ * mask applied), 0 when none is, and 0 with a user predicate or score function (the
+ * score function sees the bias as given). The engine subtracts it from the row's bias, which
  * leaves the weights as they are: a bias whose kept values share a large offset
  * (TensorFlow's -1e9 on a whole padding row, a common constant) would otherwise be
  * added to the scores before the running max is subtracted, and every float32 score
@@ -78,6 +79,7 @@ static FM_UNUSED double fm_at_bias_offset(const fm_attn_args *a, fm_ssize b, fm_
     const char *kr = a->keep ? a->keep + b * a->kps_b + h * a->kps_h + q * a->kps_q : NULL;
     double c = -HUGE_VAL;
     fm_ssize j;
+    if (a->pred || a->score) return 0.0;
     for (j = lo; j < hi; j++) {
         double v;
         if (kr && !kr[j * a->kps_k]) continue;

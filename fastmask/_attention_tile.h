@@ -340,10 +340,9 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
     FM_AT_T boff[FM_AT_RMAX]; /* each row's bias offset (fm_at_bias_offset), or 0 */
 
     for (r = 0; r < it->nrows; r++) /* over the whole row: split pieces must agree */
-        boff[r] = bt && !a->score && !a->pred
-                      ? (FM_AT_T)fm_at_bias_offset(a, it->b, it->h[r], it->qi[r], lo[r], hi[r],
-                                                   !FM_AT_F32)
-                      : 0;
+        boff[r] = bt ? (FM_AT_T)fm_at_bias_offset(a, it->b, it->h[r], it->qi[r], lo[r], hi[r],
+                                                  !FM_AT_F32)
+                     : 0;
 
     for (i0 = 0; i0 < nrv; i0++) {
         rv_lo[i0] = kb;

@@ -1249,8 +1249,8 @@ FM_INLINE int FM_FN(fm_z_to_memory)(const FM_T *src, const unsigned char *keep,
  * the call's double scale: float32's rounded scale would be off by (x_i - x_j) * scale
  * * 2^-24 between keys whose logits the bias brings together; and the product rounded
  * before the bias is added, not fused with it). keep (or NULL) masks keys out; amax is
- * max |x| over the row. *m becomes 0. Returns whether it did; not for float64 (its own rounding is the
- * reference's) nor when nothing kept is finite in double.
+ * max |x| over the row. *m becomes 0. Returns whether it did; not for float64 (its own
+ * rounding is the reference's) nor when nothing kept is finite in double.
  */
 FM_INLINE int FM_FN(fm_bias_z_to_memory)(const FM_T *src, const unsigned char *keep,
                                           const FM_T *bias, double scale, fm_ssize n, FM_T *e,

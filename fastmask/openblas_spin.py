@@ -26,6 +26,8 @@ import os
 import threading
 import warnings
 
+from .threads import mapped_files
+
 __all__ = ["TIMEOUT_EXPONENT", "setting", "shorten"]
 
 #: ``OPENBLAS_THREAD_TIMEOUT`` fastmask gives OpenBLAS: workers spin ``2**18`` cycles
@@ -39,14 +41,9 @@ _settings: dict[str, str] = {}  # library path -> what was done to it
 
 
 def _loaded_openblas() -> list[str]:
-    """Paths of the OpenBLAS libraries mapped into this process (Linux: /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as f:
-            fields = [line.split(None, 5) for line in f]
-    except OSError:
-        return []
-    paths = {f[5].strip() for f in fields if len(f) == 6}
-    return sorted(p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p)
+    """Paths of the OpenBLAS libraries loaded in this process."""
+    return sorted(p for p in mapped_files() if "openblas" in os.path.basename(p).lower()
+                  and ".so" in p)  # fmt: skip
 
 
 def _symbol(lib: ctypes.CDLL, *names: str):

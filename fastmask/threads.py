@@ -23,6 +23,7 @@ __all__ = [
     "available_cpus",
     "env_threads",
     "get_num_threads",
+    "mapped_files",
     "num_threads_setting",
     "openmp_spin_default",
     "openmp_spin_setting",
@@ -179,16 +180,23 @@ OPENMP_SPIN_COUNT = 30_000
 _spin_setting: str | None = None  # what fastmask's OpenMP runtime was started with
 
 
-def _openmp_runtime_loaded() -> bool:
-    """Whether the system's GNU OpenMP runtime (``libgomp.so.1``, the one the extension
-    links) is already in this process (Linux: /proc/self/maps), so that the environment
-    can no longer configure it. The renamed copies that wheels bundle (torch's
-    ``libgomp-<hash>.so.1``) are separate runtimes and do not count."""
+def mapped_files() -> set[str]:
+    """Paths of the files mapped into this process (Linux: /proc/self/maps; elsewhere
+    empty): the shared libraries loaded so far."""
     try:
         with open("/proc/self/maps") as f:
-            return any(line.rstrip().endswith("/libgomp.so.1") for line in f)
+            fields = [line.split(None, 5) for line in f]
     except OSError:
-        return False
+        return set()
+    return {f[5].strip() for f in fields if len(f) == 6}
+
+
+def _openmp_runtime_loaded() -> bool:
+    """Whether the system's GNU OpenMP runtime (``libgomp.so.1``, the one the extension
+    links) is already in this process, so that the environment can no longer configure
+    it. The renamed copies that wheels bundle (torch's ``libgomp-<hash>.so.1``) are
+    separate runtimes and do not count."""
+    return any(p.endswith("/libgomp.so.1") for p in mapped_files())
 
 
 @contextlib.contextmanager

@@ -293,10 +293,10 @@ def _stage_z(xp, kp, dp, n, sc, bp, hk, hb, sd):
     ``sd`` is the call's float64 scale: a biased row is formed with it, as the reference
     forms z (with ``sc`` rounded to float32, keys whose logits the bias brings together
     would be off by (x_i - x_j) * scale * 2**-24). Exact products for float32 logits,
-    so near-ties keep their weights at any
-    magnitude, a product that overflows float32 stays finite and a bias that
-    cancels large logits is added before anything is rounded; for float64 the
-    products and sums rounded once each, as the reference rounds them. Returns
+    so near-ties keep their weights at any magnitude, a product that overflows float32
+    stays finite and a bias that cancels large logits is added before anything is
+    rounded; for float64 the products and sums rounded once each, as the reference
+    rounds them. Returns
     the max: -inf when nothing is kept, NaN when a kept z is NaN (a NaN logit or bias:
     the row is NaN, as the reference makes it; an overflow in float32 is not one here).
     """
