@@ -21,9 +21,8 @@ along ``H``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -31,25 +30,19 @@ from . import outputs
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
 from .masks.custom import prepare as prepare_user_functions
-from .masks.dense import DenseMask
-from .request import (
-    _bounds4,
-    _check_float,
-    _fold,
-    _mask_key,
-    as_array,
-    check_scale,
-    compute_dtype,
-    mask_dtype_error,
+from .request import as_array, bounds4, compute_dtype, fold, host_float, mask_key, mask_strategy
+from .rules import (
+    BIAS_HINT,
+    QKV_HINT,
+    Operand,
+    attention_dims,
+    check_broadcast,
 )
 from .threads import get_num_threads
 
 __all__ = [
-    "AttentionDims",
     "AttentionRequest",
     "AttentionSizes",
-    "attention_dims",
-    "attention_shapes",
     "build_attention_requests",
     "plan_keep_and_bounds",
     "with_operands",
@@ -179,59 +172,6 @@ def with_operands(
                                bounds4=bounds)  # fmt: skip
 
 
-def _strategy(mask: Any) -> MaskStrategy | None:
-    if mask is None or isinstance(mask, MaskStrategy):
-        return mask
-    m = as_array(mask, "mask")
-    if m.dtype != np.bool_:
-        raise mask_dtype_error(m.dtype)
-    return DenseMask(m, "keep")
-
-
-def attention_shapes(q: Any, k: Any, v: Any) -> tuple[tuple[int, ...], int, int]:
-    """Validate q/k/v shapes; return ``(batch shape, Hq, Hk)`` (``Hk == Hq`` without GQA).
-
-    Reads only ``shape`` and ``ndim``: NumPy and dask arrays alike.
-    """
-    for a, name, dims in ((q, "q", "(..., Lq, D)"), (k, "k", "(..., Lk, D)"),
-                          (v, "v", "(..., Lk, Dv)")):  # fmt: skip
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have shape {dims}; got a {a.ndim}-d array {a.shape}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same last axis D; got q {q.shape} and k {k.shape}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            f"k and v must have the same number of keys (axis -2); got k {k.shape} and v {v.shape}"
-        )
-    qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
-    try:
-        kvb = np.broadcast_shapes(kb, vb)
-    except ValueError:
-        raise ValueError(
-            f"the leading axes of k {k.shape} and v {v.shape} do not broadcast"
-        ) from None
-    hq = qb[-1] if qb else 1
-    hk = kvb[-1] if kvb else 1
-    grouped = bool(qb) and bool(kvb) and hq != hk and hk != 1 and hq != 1
-    if grouped and hq % hk:
-        raise ValueError(
-            f"q has {hq} heads (axis -3) and k/v have {hk}: for grouped-query attention "
-            f"q's head count must be a multiple of k/v's (or either must be 1 to broadcast)"
-        )
-    try:
-        if grouped:
-            batch = np.broadcast_shapes(qb, (*kvb[:-1], hq))
-        else:
-            batch = np.broadcast_shapes(qb, kvb)
-    except ValueError:
-        raise ValueError(
-            f"the leading axes of q {q.shape} and k/v {kvb} do not broadcast"
-        ) from None
-    if not grouped:
-        return batch, 1, 1
-    return batch, hq, hk
-
-
 def _dense_row_bounds(keep: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """First kept key and one past the last of every row of a dense keep mask.
 
@@ -260,37 +200,6 @@ def _dense_row_bounds(keep: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndar
     return lo, hi
 
 
-class AttentionDims(NamedTuple):
-    """The sizes of a validated ``attention`` call (host and device calls alike)."""
-
-    batch: tuple[int, ...]  # the scores' leading axes
-    group: int  # query heads per kv head (1 without grouped-query attention)
-    hk: int  # kv heads (axis -3 of k/v; 1 when there is none)
-    lq: int
-    d: int
-    lk: int
-    dv: int
-    scale: float  # the user's, else 1/sqrt(D)
-
-
-def attention_dims(q: Any, k: Any, v: Any, scale: Any, return_weights: Any) -> AttentionDims:
-    """Validate what ``q``, ``k``, ``v`` (anything with ``shape``, ``ndim``, ``dtype``),
-    ``scale`` and ``return_weights`` must agree on; the operands' own dtypes are the
-    caller's to check."""
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(
-            f"q, k and v must have the same dtype; got {q.dtype}, {k.dtype} and {v.dtype}. "
-            "Convert them first, e.g. k.astype(q.dtype)."
-        )
-    if not isinstance(return_weights, (bool, np.bool_)):
-        raise TypeError(f"return_weights must be a bool; got {return_weights!r}")
-    batch, hq, hk = attention_shapes(q, k, v)
-    lq, d = q.shape[-2:]
-    lk, dv = v.shape[-2:]
-    s = (1.0 / math.sqrt(d) if d > 0 else 1.0) if scale is None else check_scale(scale)
-    return AttentionDims(batch, hq // hk, hk, lq, d, lk, dv, s)
-
-
 def plan_keep_and_bounds(
     plan: MaskPlan | None, scores_shape: tuple[int, ...]
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -315,7 +224,7 @@ def plan_keep_and_bounds(
         hi = dhi if hi is None else np.minimum(hi, dhi)
     if lo is None:
         return plan.keep, None
-    return plan.keep, _bounds4(MaskPlan(lo=lo, hi=hi), *canonical_dims(scores_shape))
+    return plan.keep, bounds4(MaskPlan(lo=lo, hi=hi), *canonical_dims(scores_shape))
 
 
 def build_attention_requests(
@@ -346,16 +255,16 @@ def build_attention_requests(
     weights : ndarray or None
         The weights ``batch + (Lq, Lk)`` when ``return_weights`` (zeros until run).
     """
-    hint = "Convert first, e.g. a.astype(numpy.float32)."
-    qa = _check_float(as_array(q, "q"), "q", hint)
-    ka = _check_float(as_array(k, "k"), "k", hint)
-    va = _check_float(as_array(v, "v"), "v", hint)
-    batch, group, hk, lq, d, lk, dv, s = attention_dims(qa, ka, va, scale, return_weights)
+    qa = host_float(as_array(q, "q"), "q", QKV_HINT)
+    ka = host_float(as_array(k, "k"), "k", QKV_HINT)
+    va = host_float(as_array(v, "v"), "v", QKV_HINT)
+    ops = (Operand.of_host(a, name) for a, name in ((qa, "q"), (ka, "k"), (va, "v")))
+    batch, group, hk, lq, d, lk, dv, s = attention_dims(*ops, scale, return_weights)
     dtype = qa.dtype
     cdt = compute_dtype(dtype)
 
     scores_shape = (*batch, lq, lk)
-    strategy = _strategy(mask)
+    strategy = mask_strategy(mask, scores_shape, "the scores'")
     plan = strategy.plan(scores_shape) if strategy is not None else None
     nd = len(scores_shape)
     plan_keep, bounds = plan_keep_and_bounds(plan, scores_shape)
@@ -364,20 +273,9 @@ def build_attention_requests(
 
     bias_view = None
     if bias is not None:
-        ba = _check_float(
-            as_array(bias, "bias"),
-            "bias",
-            "Pass an additive float mask (e.g. -inf or -1e9 at masked positions).",
-        )
-        if ba.ndim > nd:
-            raise ValueError(f"bias has {ba.ndim} dimensions, more than the scores' {nd}")
-        try:
-            bias_view = np.broadcast_to(ba.astype(cdt, copy=False), scores_shape)
-        except ValueError:
-            raise ValueError(
-                f"bias of shape {ba.shape} does not broadcast to the scores' shape "
-                f"{scores_shape} (q @ k^T: batch + (Lq, Lk))"
-            ) from None
+        ba = host_float(as_array(bias, "bias"), "bias", BIAS_HINT)
+        check_broadcast(Operand.of_host(ba, "bias"), scores_shape, "the scores'")
+        bias_view = np.broadcast_to(ba.astype(cdt, copy=False), scores_shape)
 
     # Operands in the compute dtype (float16/bfloat16 are converted once, before broadcasting).
     qc = qa.astype(cdt, copy=False)
@@ -397,7 +295,7 @@ def build_attention_requests(
         keep is not None,
         bias_view is not None,
         bounds is not None,
-        _mask_key(strategy),
+        mask_key(strategy),
         bool(return_weights),
         get_num_threads(),
     ))  # fmt: skip
@@ -423,7 +321,7 @@ def _assemble(
     user_fns: tuple[Any, Any] = (None, None),
 ) -> None:
     """Fold the operands to 4-D views, splitting along axis 1 where a fold needs a copy."""
-    folded = [None if a is None else _fold(a) for a in operands]
+    folded = [None if a is None else fold(a) for a in operands]
     if any(f is None and a is not None for f, a in zip(folded, operands, strict=True)):
         out = operands[3]
         assert out is not None

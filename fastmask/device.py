@@ -5,11 +5,12 @@ exposes ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch
 CUDA tensors); :func:`fastmask.attention` and :func:`fastmask.explain_attention`
 when ``q``, ``k`` or ``v`` does (through :mod:`fastmask.device_attention`). The
 core never reads or writes device memory. It reads the arrays' interfaces
-(pointer, shape, strides, dtype), applies the rules of host calls
-(:mod:`fastmask.request`: dtypes, mask conventions, bias, scale, ``out``,
-``axis``), and describes every operand as a :class:`Strided` brought to the
-canonical ``(B, H, Q, N)`` layout: softmax axis last, zero strides on broadcast
-axes, nothing expanded or copied.
+(pointer, shape, strides, dtype), applies the rules every path shares
+(:mod:`fastmask.rules`: dtypes, mask conventions, bias, scale, ``out`` and
+aliasing, ``axis``), and describes every operand as a
+:class:`~fastmask.strided.Strided` brought to the canonical ``(B, H, Q, N)``
+layout: softmax axis last, zero strides on broadcast axes, nothing expanded or
+copied.
 
 Operands are on the device (``x``, ``out``, and ``mask``/``bias`` when given as
 device arrays) or are small host arrays (a structured mask's per-row bounds, a
@@ -44,21 +45,22 @@ import numpy as np
 from . import plugins, router
 from .masks import MaskStrategy
 from .masks.base import canonical_dims
-from .masks.dense import DenseMask
-from .request import (
-    FLOAT_DTYPES,
-    Rows4D,
-    _bounds4,
-    _check_float,
-    _mask_key,
-    as_array,
+from .request import Rows4D, as_array, bounds4, compute_dtype, host_float, mask_key, mask_strategy
+from .rules import (
+    BIAS_HINT,
+    LOGITS_HINT,
+    Operand,
+    check_bool_mask,
+    check_broadcast,
+    check_float,
+    check_not_aliased,
+    check_out,
     check_scale,
-    compute_dtype,
+    check_structured_axis,
     device_array_error,
-    mask_dtype_error,
     softmax_axis,
-    structured_axis_error,
 )
+from .strided import Strided
 
 __all__ = [
     "DEVICE_ATTENTION_OP",
@@ -68,7 +70,6 @@ __all__ = [
     "Strided",
     "any_device_array",
     "bias_operand",
-    "check_device_float",
     "explain",
     "host_operand",
     "is_device_array",
@@ -93,162 +94,6 @@ def is_device_array(obj: Any) -> bool:
 def any_device_array(*objs: Any) -> bool:
     """True when any of ``objs`` is a device array (an ``attention`` call goes to the device)."""
     return any(is_device_array(o) for o in objs)
-
-
-def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    strides = []
-    step = itemsize
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
-@dataclass(frozen=True)
-class Strided:
-    """Where an operand's elements live: element ``(i0, i1, ...)`` at ``ptr + sum(i * strides)``.
-
-    Attributes
-    ----------
-    ptr : int
-        Address of element ``(0, ..., 0)`` (a device pointer when ``on_device``).
-    shape, strides : tuple of int
-        Strides in bytes; 0 on broadcast axes, negative on reversed ones.
-    dtype : numpy.dtype
-    owner : object
-        The object owning the memory (kept alive while the request is).
-    on_device : bool
-        Device memory (reached through ``__cuda_array_interface__``) or host memory.
-    stream : int or None
-        The producer's stream from ``__cuda_array_interface__`` (device operands),
-        for consumers that synchronise on it.
-    readonly : bool
-    """
-
-    ptr: int
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    dtype: np.dtype
-    owner: Any
-    on_device: bool
-    stream: int | None = None
-    readonly: bool = False
-
-    @classmethod
-    def of_device(cls, obj: Any, what: str) -> Strided:
-        """Describe a device array from its ``__cuda_array_interface__``."""
-        try:
-            iface = obj.__cuda_array_interface__
-            shape = tuple(int(d) for d in iface["shape"])
-            dtype = np.dtype(iface["typestr"])
-            ptr, readonly = iface["data"]
-            strides = iface.get("strides")
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise TypeError(f"{what}: unusable __cuda_array_interface__ ({exc})") from exc
-        if iface.get("mask") is not None:
-            raise TypeError(
-                f"{what} is a masked device array (__cuda_array_interface__ 'mask'); "
-                "pass the mask as mask= instead"
-            )
-        if strides is None:
-            strides = _c_strides(shape, dtype.itemsize)
-        strides = tuple(int(s) for s in strides)
-        if len(strides) != len(shape):
-            raise TypeError(f"{what}: __cuda_array_interface__ has {len(strides)} strides "
-                            f"for {len(shape)} axes")  # fmt: skip
-        return cls(int(ptr or 0), shape, strides, dtype, obj, True, iface.get("stream"),
-                   bool(readonly))  # fmt: skip
-
-    @classmethod
-    def of_host(cls, a: np.ndarray) -> Strided:
-        """Describe a host ndarray (or view)."""
-        ptr = a.__array_interface__["data"][0]
-        return cls(int(ptr), a.shape, a.strides, a.dtype, a, False, None, not a.flags.writeable)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    def broadcast_to(self, shape: tuple[int, ...]) -> Strided:
-        """View of ``shape`` (zero strides where broadcast); ValueError if it does not broadcast."""
-        pad = len(shape) - self.ndim
-        if pad < 0:
-            raise ValueError(f"{self.ndim} dimensions, more than {len(shape)}")
-        strides = []
-        for i, d in enumerate(shape):
-            if i < pad:
-                strides.append(0)
-                continue
-            own = self.shape[i - pad]
-            if own == d:
-                strides.append(self.strides[i - pad] if d != 1 else 0)
-            elif own == 1:
-                strides.append(0)
-            else:
-                raise ValueError(f"shape {self.shape} does not broadcast to {shape}")
-        return replace(self, shape=tuple(shape), strides=tuple(strides))
-
-    def moveaxis(self, source: int, destination: int) -> Strided:
-        order = [i for i in range(self.ndim) if i != source]
-        order.insert(destination % self.ndim, source)
-        return replace(
-            self,
-            shape=tuple(self.shape[i] for i in order),
-            strides=tuple(self.strides[i] for i in order),
-        )
-
-    def index1(self, i: int) -> Strided:
-        """``a[:, i]``."""
-        return replace(
-            self,
-            ptr=self.ptr + i * self.strides[1],
-            shape=self.shape[:1] + self.shape[2:],
-            strides=self.strides[:1] + self.strides[2:],
-        )
-
-    def fold(self) -> Strided | None:
-        """``(..., Q, N)`` -> ``(B, H, Q, N)``, or None if the middle axes do not merge."""
-        nd = self.ndim
-        if nd <= 4:
-            pad = 4 - nd
-            if nd == 3:  # (B, Q, N) -> (B, 1, Q, N)
-                return replace(self, shape=(self.shape[0], 1, *self.shape[1:]),
-                               strides=(self.strides[0], 0, *self.strides[1:]))  # fmt: skip
-            return replace(self, shape=(1,) * pad + self.shape, strides=(0,) * pad + self.strides)
-        mid = list(zip(self.shape[1:-2], self.strides[1:-2], strict=True))
-        stride = None
-        inner = 0
-        for d, s in reversed(mid):
-            if d == 1:
-                continue
-            if stride is None:
-                inner, stride = s, s * d
-            elif s == stride:
-                stride = s * d
-            else:
-                return None
-        h = 1
-        for d, _ in mid:
-            h *= d
-        if stride is None or h == 0:
-            inner = 0
-        return replace(
-            self,
-            shape=(self.shape[0], h, self.shape[-2], self.shape[-1]),
-            strides=(self.strides[0], inner, self.strides[-2], self.strides[-1]),
-        )
-
-    def extent(self) -> tuple[int, int]:
-        """Byte range ``[lo, hi)`` touched, relative to ``ptr`` (``(0, 0)`` when empty)."""
-        if any(d == 0 for d in self.shape):
-            return 0, 0
-        lo = sum(min(0, (d - 1) * s) for d, s in zip(self.shape, self.strides, strict=True))
-        hi = sum(max(0, (d - 1) * s) for d, s in zip(self.shape, self.strides, strict=True))
-        return lo, hi + self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -338,22 +183,6 @@ class DeviceCall:
         return out
 
 
-def check_device_float(s: Strided, what: str, hint: str) -> None:
-    if s.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{what} must be float16, float32 or float64 on a device; got {s.dtype}. {hint}"
-            + (" (bfloat16 runs on the host only, for now)" if "bfloat16" in str(s.dtype) else "")
-        )
-
-
-def _overlaps(a: Strided, b: Strided) -> bool:
-    alo, ahi = a.extent()
-    blo, bhi = b.extent()
-    if ahi == alo or bhi == blo:
-        return False
-    return a.ptr + alo < b.ptr + bhi and b.ptr + blo < a.ptr + ahi
-
-
 def _compact(a: np.ndarray) -> np.ndarray:
     """``a`` itself when the memory it spans is no larger than its elements (broadcast
     views included), else a contiguous copy: backends copy host operands by span."""
@@ -373,53 +202,34 @@ def _serving_backends(op: str = DEVICE_OP) -> list[Any]:
 
 
 def mask_operand(
-    mask: Any, shape: tuple[int, ...], target: str
+    mask: Any, shape: tuple[int, ...], whose: str
 ) -> tuple[MaskStrategy | None, Strided | None, str | None]:
     """``(strategy, keep, keep_where)`` for ``mask=``: a boolean device array becomes
     ``keep`` broadcast to ``shape`` (``keep_where == "device"``); a host boolean array a
-    :class:`DenseMask` strategy; ``target`` names ``shape`` in errors."""
-    if mask is None or isinstance(mask, MaskStrategy):
-        return mask, None, None
+    :class:`DenseMask` strategy; ``whose`` names ``shape`` in errors ("x's", "the scores'")."""
     if is_device_array(mask):
-        ms = Strided.of_device(mask, "mask")
-        if ms.dtype != np.bool_:
-            raise mask_dtype_error(ms.dtype)
-        try:
-            keep = ms.broadcast_to(shape)
-        except ValueError:
-            raise ValueError(
-                f"mask of shape {ms.shape} does not broadcast to {target} {shape}"
-            ) from None
-        return None, keep, "device"
-    m = as_array(mask, "mask")
-    if m.dtype != np.bool_:
-        raise mask_dtype_error(m.dtype)
-    return DenseMask(m, "keep"), None, None
+        op = Operand.of_device(mask, "mask")
+        check_bool_mask(op)
+        check_broadcast(op, shape, whose)
+        return None, op.source.broadcast_to(shape), "device"
+    return mask_strategy(mask, shape, whose), None, None
 
 
-def bias_operand(bias: Any, shape: tuple[int, ...], cdt: np.dtype, target: str) -> Strided | None:
+def bias_operand(bias: Any, shape: tuple[int, ...], cdt: np.dtype, whose: str) -> Strided | None:
     """``bias=`` broadcast to ``shape``: a device array read in place (its own float
-    dtype), or a host array in ``cdt``; ``target`` names ``shape`` in errors."""
+    dtype), or a host array in ``cdt``; ``whose`` names ``shape`` in errors."""
     if bias is None:
         return None
-    hint = "Pass an additive float mask (e.g. -inf or -1e9 at masked positions)."
     if is_device_array(bias):
-        b0 = Strided.of_device(bias, "bias")
-        check_device_float(b0, "bias", hint)
-        if not b0.dtype.isnative:
-            raise TypeError(f"bias is a non-native byte order device array ({b0.dtype})")
+        op = Operand.of_device(bias, "bias")
+        check_float(op, BIAS_HINT)
+        b0 = op.source
     else:
-        ba = _check_float(as_array(bias, "bias"), "bias", hint)
+        ba = host_float(as_array(bias, "bias"), "bias", BIAS_HINT)
+        op = Operand.of_host(ba, "bias")
         b0 = host_operand(ba.astype(cdt, copy=False))
-    nd = len(shape)
-    if b0.ndim > nd:
-        raise ValueError(f"bias has {b0.ndim} dimensions, more than {target} {nd}")
-    try:
-        return b0.broadcast_to(shape)
-    except ValueError:
-        raise ValueError(
-            f"bias of shape {b0.shape} does not broadcast to {target} shape {shape}"
-        ) from None
+    check_broadcast(op, shape, whose)
+    return b0.broadcast_to(shape)
 
 
 def prepare(
@@ -433,21 +243,19 @@ def prepare(
 ) -> DeviceCall:
     """Validate a ``masked_softmax`` call whose ``x`` is a device array.
 
-    Same rules as :func:`fastmask.request.build_softmax_requests`; in addition
-    ``out`` must be a device array. Reads no device memory.
+    The rules of :mod:`fastmask.rules`, as for host calls; ``out`` must be a device
+    array too. Reads no device memory.
     """
-    xs = Strided.of_device(x, "x")
-    check_device_float(xs, "x (the logits)", "Convert first, e.g. x.astype(float32).")
-    if not xs.dtype.isnative:
-        raise TypeError(f"x is a non-native byte order device array ({xs.dtype})")
+    xo = Operand.of_device(x, "x (the logits)")
+    check_float(xo, LOGITS_HINT)
+    xs = xo.source
     nd = xs.ndim
     ax = softmax_axis(axis, nd)
     s = check_scale(scale)
     shape = xs.shape
 
-    strategy, keep, keep_where = mask_operand(mask, shape, "the logits' shape")
-    if strategy is not None and strategy.structured and ax != nd - 1:
-        raise structured_axis_error(strategy, axis)
+    strategy, keep, keep_where = mask_operand(mask, shape, "x's")
+    check_structured_axis(strategy, ax, nd, axis)
     plan = strategy.plan(shape) if strategy is not None else None
     if plan is not None and plan.keep is not None:
         keep = host_operand(plan.keep).broadcast_to(shape)
@@ -459,31 +267,21 @@ def prepare(
     os_: Strided | None = None
     inplace = False
     if out is not None:
-        if not is_device_array(out):
-            raise ValueError(
-                "out must be a device array (exposing __cuda_array_interface__) when x is one; "
-                f"got {type(out).__name__}"
-            )
-        os_ = Strided.of_device(out, "out")
-        if os_.shape != shape:
-            raise ValueError(f"out has shape {os_.shape}; it must match x's shape {shape}")
-        if os_.dtype != xs.dtype:
-            raise ValueError(f"out has dtype {os_.dtype}; it must match x's dtype {xs.dtype}")
-        if os_.readonly:
-            raise ValueError("out is read-only; pass a writable array (or x itself for in place)")
-        if os_.ptr == xs.ptr and os_.strides == xs.strides:
-            inplace = True
-        elif _overlaps(os_, xs):
-            raise ValueError(
-                "out overlaps x without being x itself; pass out=x for in place, or a "
-                "separate array"
-            )
+        if is_device_array(out):
+            oo = Operand.of_device(out, "out")
+        else:
+            oo = Operand.of_host(as_array(out, "out"), "out")
+        inplace = check_out(oo, xo)
+        for a, name in ((keep, "mask"), (bs, "bias")):
+            if a is not None and a.on_device:
+                check_not_aliased(oo, Operand.of_device(a, name))
+        os_ = oo.source
 
     if ax != nd - 1:
         xs, keep, bs, os_ = (None if a is None else a.moveaxis(ax, -1) for a in (xs, keep, bs, os_))
     assert xs is not None
     b, h, q, n = canonical_dims(xs.shape)
-    bounds = None if plan is None or plan.lo is None else _bounds4(plan, b, h, q, n)
+    bounds = None if plan is None or plan.lo is None else bounds4(plan, b, h, q, n)
 
     key = (
         DEVICE_OP,
@@ -494,7 +292,7 @@ def prepare(
         keep_where,
         None if bs is None else (bs.dtype.char, bs.on_device),
         bounds is not None,
-        _mask_key(strategy),
+        mask_key(strategy),
         inplace,
     )
     return DeviceCall(xs, keep, bs, os_, bounds, ax, s, cdt, strategy, key, shape)

@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 
 from . import router
-from .attention_request import AttentionSizes, attention_dims, plan_keep_and_bounds
+from .attention_request import AttentionSizes, plan_keep_and_bounds
 from .device import (
     DEVICE_ATTENTION_OP,
-    Strided,
     bias_operand,
-    check_device_float,
     host_operand,
     is_device_array,
     mask_operand,
@@ -32,10 +30,9 @@ from .device import (
 )
 from .masks import MaskStrategy
 from .masks.base import canonical_dims
-from .request import (
-    _mask_key,
-    compute_dtype,
-)
+from .request import compute_dtype, mask_key
+from .rules import Operand, attention_dims
+from .strided import Strided
 
 __all__ = [
     "DeviceAttentionCall",
@@ -191,18 +188,14 @@ def prepare_attention(
             f"{'it' if one else 'them'} to the device first (e.g. numba.cuda.to_device), "
             "or all of them to the host."
         )
-    hint = "Convert first, e.g. a.astype(float32)."
-    qs, ks, vs = (Strided.of_device(a, name) for a, name in ((q, "q"), (k, "k"), (v, "v")))
-    for st, name in ((qs, "q"), (ks, "k"), (vs, "v")):
-        check_device_float(st, name, hint)
-        if not st.dtype.isnative:
-            raise TypeError(f"{name} is a non-native byte order device array ({st.dtype})")
-    batch, group, hk, lq, d, lk, dv, s = attention_dims(qs, ks, vs, scale, return_weights)
+    qo, ko, vo = (Operand.of_device(a, name) for a, name in ((q, "q"), (k, "k"), (v, "v")))
+    batch, group, hk, lq, d, lk, dv, s = attention_dims(qo, ko, vo, scale, return_weights)
+    qs, ks, vs = qo.source, ko.source, vo.source
     cdt = compute_dtype(qs.dtype)
 
     scores_shape = (*batch, lq, lk)
     target = "the scores'"
-    strategy, keep, keep_where = mask_operand(mask, scores_shape, f"{target} shape")
+    strategy, keep, keep_where = mask_operand(mask, scores_shape, target)
     plan = strategy.plan(scores_shape) if strategy is not None else None
     plan_keep, bounds = plan_keep_and_bounds(plan, scores_shape)
     if plan_keep is not None:
@@ -223,7 +216,7 @@ def prepare_attention(
         keep_where,
         None if bs is None else (bs.dtype.char, bs.on_device),
         bounds is not None,
-        _mask_key(strategy),
+        mask_key(strategy),
         bool(return_weights),
     )
     return DeviceAttentionCall(q_b, k_b, v_b, None, None, keep, bs, bounds, s, group, cdt,

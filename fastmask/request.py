@@ -1,15 +1,15 @@
 """Turning a user's call into what backends see: validated, canonical 4-D views.
 
-Every operand is brought to the logits' shape by broadcasting *views* (zero
-strides, nothing expanded in memory), the softmax axis is moved last, and the
-leading axes are folded into ``(B, H, Q)``. Backends receive a
+Every operand is checked by the rules all paths share (:mod:`fastmask.rules`),
+brought to the logits' shape by broadcasting *views* (zero strides, nothing
+expanded in memory), the softmax axis is moved last, and the leading axes are
+folded into ``(B, H, Q)``. Backends receive a
 :class:`SoftmaxRequest` and never see user input directly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,21 +17,39 @@ import numpy as np
 
 from . import dtypes as _dtypes
 from . import outputs
-from .dtypes import ACCEPTED, FLOAT16, FLOAT32, FLOAT64, compute_dtype, is_float
+from .dtypes import ACCEPTED, compute_dtype
 from .masks import MaskStrategy
-from .masks.base import MaskPlan, canonical_dims
+from .masks.base import AllOf, MaskPlan, canonical_dims
 from .masks.custom import prepare as prepare_user_functions
 from .masks.dense import DenseMask
+from .rules import (
+    BIAS_HINT,
+    HOST,
+    LOGITS_HINT,
+    Operand,
+    check_bool_mask,
+    check_broadcast,
+    check_float_dtype,
+    check_not_aliased,
+    check_out,
+    check_scale,
+    check_structured_axis,
+    device_array_error,
+    softmax_axis,
+)
 from .threads import get_num_threads
 
-__all__ = ["SoftmaxRequest", "as_array", "build_softmax_requests", "compute_dtype"]
-
-#: The dtypes device arrays may have (bfloat16 is host-only for now).
-FLOAT_DTYPES = (FLOAT16, FLOAT32, FLOAT64)
-
-#: What the dtype errors of the logits and of a bias suggest (host, device and Dask calls).
-LOGITS_HINT = "Convert first, e.g. x.astype(numpy.float32)."
-BIAS_HINT = "Pass an additive float mask (e.g. -inf or -1e9 at masked positions)."
+__all__ = [
+    "SoftmaxRequest",
+    "as_array",
+    "bounds4",
+    "build_softmax_requests",
+    "compute_dtype",
+    "fold",
+    "host_float",
+    "mask_key",
+    "mask_strategy",
+]
 
 
 class Rows4D:
@@ -101,14 +119,6 @@ class SoftmaxRequest(Rows4D):
     score: Any = None
 
 
-def device_array_error(what: str) -> TypeError:
-    """The error for a GPU device array that no registered backend can serve."""
-    return TypeError(
-        f"{what} is a GPU device array; no installed backend serves device arrays. "
-        "Install the CUDA plugin (pip install ./plugins/fastmask-cuda) or copy it to the host."
-    )
-
-
 def as_array(obj: Any, what: str) -> np.ndarray:
     """An ndarray view of ``obj`` (zero-copy for NumPy arrays and CPU tensors)."""
     if isinstance(obj, np.ndarray):
@@ -138,117 +148,17 @@ def as_array(obj: Any, what: str) -> np.ndarray:
         ) from exc
 
 
-def float_dtype_error(dtype: Any, what: str, hint: str, accepted: str = ACCEPTED) -> TypeError:
-    """The error for an operand of a dtype fastmask does not compute with (shared with
-    device and Dask calls)."""
-    return TypeError(f"{what} must be {accepted}; got {dtype}. {hint}")
-
-
-def ndim_error(what: str, ndim: int, whose: str, nd: int) -> ValueError:
-    """The error for an operand with more axes than its target (``whose``: "x's", "the scores'")."""
-    return ValueError(f"{what} has {ndim} dimensions, more than {whose} {nd}")
-
-
-def broadcast_error(what: str, shape: tuple, whose: str, target: tuple) -> ValueError:
-    """The error for an operand that does not broadcast to its target's shape."""
-    return ValueError(f"{what} of shape {shape} does not broadcast to {whose} shape {target}")
-
-
-def _check_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
-    dt = a.dtype
-    if not (dt.kind == "f" and dt.itemsize in (2, 4, 8)) and not is_float(dt):
-        raise float_dtype_error(dt, what, hint)
-    if not dt.isnative:
-        a = a.astype(dt.newbyteorder("="))
-    elif not a.flags.aligned:  # e.g. unpickled or np.frombuffer at an odd offset
-        a = a.copy()
+def host_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
+    """``a``, in native byte order and aligned, once the rules accept its dtype."""
+    check_float_dtype(a.dtype, HOST, what, hint)
+    if not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    if not a.flags.aligned:  # e.g. unpickled or np.frombuffer at an odd offset
+        return a.copy()
     return a
 
 
-def softmax_axis(axis: Any, nd: int) -> int:
-    """Validate ``axis`` for logits with ``nd`` dimensions; return it as 0..nd-1."""
-    if nd == 0:
-        raise ValueError("x must have at least one axis (the softmax axis); got a 0-d array")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int; got {axis!r}")
-    ax = int(axis)
-    if not -nd <= ax < nd:
-        raise np.exceptions.AxisError(ax, nd)
-    return ax % nd
-
-
-def check_scale(scale: Any) -> float:
-    """Validate ``scale`` (None, or a finite real number); return it as a float (None: 1.0)."""
-    if scale is None:
-        return 1.0
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number; got {scale!r}")
-    s = float(scale)
-    if not np.isfinite(s):
-        raise ValueError(f"scale must be finite; got {s}")
-    return s
-
-
-def _check_out(out: Any, x: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Validate ``out``; return it and whether it is ``x`` itself (in place)."""
-    o = as_array(out, "out")
-    if o.shape != x.shape:
-        raise ValueError(f"out has shape {o.shape}; it must match x's shape {x.shape}")
-    if o.dtype != x.dtype:
-        raise ValueError(f"out has dtype {o.dtype}; it must match x's dtype {x.dtype}")
-    if not o.flags.writeable:
-        raise ValueError("out is read-only; pass a writable array (or x itself for in place)")
-    if not o.flags.aligned:
-        raise ValueError("out is not aligned to its itemsize; pass an aligned array")
-    if _overlaps_itself(o):
-        raise ValueError(
-            "out has elements that share memory (a zero or overlapping stride, e.g. from "
-            "broadcast_to or as_strided); pass a fresh array, e.g. numpy.empty_like(x)"
-        )
-    if not np.may_share_memory(o, x):
-        return o, False
-    same = (
-        o.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-        and o.strides == x.strides
-    )
-    if same:
-        return o, True
-    if np.shares_memory(o, x):
-        raise ValueError(
-            "out overlaps x without being x itself; pass out=x for in place, or a separate array"
-        )
-    return o, False
-
-
-def _overlaps_itself(a: np.ndarray) -> bool:
-    """Whether two elements of ``a`` may share memory: each axis' stride must step over
-    everything the smaller-strided axes span (sufficient; the layouts NumPy makes pass)."""
-    dims = sorted((abs(st), n) for st, n in zip(a.strides, a.shape, strict=True) if n > 1)
-    span = a.itemsize
-    for stride, n in dims:
-        if stride < span:
-            return True
-        span = stride * n
-    return False
-
-
-def check_not_aliased(out: np.ndarray, operand: np.ndarray | None, name: str) -> None:
-    """``out`` must not share memory with an operand the kernels read (the mask, the
-    bias): they would read what they already wrote. Raises ValueError."""
-    if operand is None or not np.may_share_memory(out, operand):
-        return
-    try:
-        overlap = np.shares_memory(out, operand, max_work=10**6)
-    except np.exceptions.TooHardError:
-        overlap = True  # undecided: refuse rather than risk wrong values
-    if overlap:
-        raise ValueError(
-            f"out shares memory with the {name}; the kernels would read values they have "
-            f"already written. Pass a separate out (or copy the {name} first)"
-        )
-
-
-def _fold(a: np.ndarray) -> np.ndarray | None:
+def fold(a: np.ndarray) -> np.ndarray | None:
     """``(..., Q, N)`` -> ``(B, H, Q, N)`` view; None if the middle axes don't fold as a view."""
     nd = a.ndim
     if nd == 4:
@@ -279,7 +189,7 @@ def _fold(a: np.ndarray) -> np.ndarray | None:
     )
 
 
-def _bounds4(plan: MaskPlan, b: int, h: int, q: int, n: int) -> np.ndarray:
+def bounds4(plan: MaskPlan, b: int, h: int, q: int, n: int) -> np.ndarray:
     """The plan's ``[lo, hi)`` clipped to ``[0, n]``, as a read-only ``(b, h, q, 2)`` view.
 
     Built on the plan's small arrays with zero strides on broadcast axes; written
@@ -319,34 +229,32 @@ def _plan(
     if memo is not None and memo[0] == shape:
         return memo[1], memo[2]
     plan = strategy.plan(shape)
-    bounds = None if plan.lo is None else _bounds4(plan, *canonical_dims(shape))
+    bounds = None if plan.lo is None else bounds4(plan, *canonical_dims(shape))
     if strategy.immutable:
         with contextlib.suppress(AttributeError):  # e.g. a plugin class with __slots__
             strategy._fastmask_plan = (shape, plan, bounds)
     return plan, bounds
 
 
-def mask_dtype_error(dtype: np.dtype) -> TypeError:
-    """The error for a non-boolean array passed as ``mask=`` (shared with device calls)."""
-    return TypeError(
-        f"mask= takes a boolean array (True = keep/attend) or a fastmask.masks strategy; "
-        f"got a {dtype} array. fastmask never guesses a mask convention: use "
-        "mask=fastmask.masks.keep(a) if nonzero means attend, "
-        "mask=fastmask.masks.drop(a) if nonzero means masked out (TF tutorial, "
-        "PyTorch key_padding_mask), or bias=a for an additive float mask (-inf/-1e9)."
-    )
+def mask_strategy(mask: Any, shape: tuple[int, ...], whose: str) -> MaskStrategy | None:
+    """``mask=`` as a strategy: a boolean host array becomes a :class:`DenseMask` (True =
+    keep). Dense masks (arrays, ``masks.keep``/``drop`` alone or in ``&``) must broadcast
+    to ``shape``, which ``whose`` names in errors ("x's", "the scores'")."""
+    if mask is None:
+        return None
+    if isinstance(mask, MaskStrategy):
+        for part in mask.parts if isinstance(mask, AllOf) else (mask,):
+            if isinstance(part, DenseMask):
+                check_broadcast(Operand.of_host(part.array, "mask"), shape, whose)
+        return mask
+    m = as_array(mask, "mask")
+    op = Operand.of_host(m, "mask")
+    check_bool_mask(op)
+    check_broadcast(op, shape, whose)
+    return DenseMask(m, "keep")
 
 
-def structured_axis_error(strategy: MaskStrategy, axis: Any) -> ValueError:
-    """The error for a structured strategy with the softmax axis not last."""
-    return ValueError(
-        f"{strategy!r} is defined on (..., Lq, Lk) with the softmax axis last; "
-        f"got axis={axis}. Move the softmax axis last, or pass a dense mask "
-        "(strategy.to_dense(shape))."
-    )
-
-
-def _mask_key(mask: MaskStrategy | None) -> Any:
+def mask_key(mask: MaskStrategy | None) -> Any:
     return None if mask is None else mask.key
 
 
@@ -369,21 +277,13 @@ def build_softmax_requests(
     out : ndarray
         The array the result is written to (``x``'s shape and dtype).
     """
-    xa = _check_float(as_array(x, "x"), "x (the logits)", LOGITS_HINT)
+    xa = host_float(as_array(x, "x"), "x (the logits)", LOGITS_HINT)
     nd = xa.ndim
     ax = softmax_axis(axis, nd)
     s = check_scale(scale)
 
-    strategy: MaskStrategy | None
-    if mask is None or isinstance(mask, MaskStrategy):
-        strategy = mask
-    else:
-        m = as_array(mask, "mask")
-        if m.dtype != np.bool_:
-            raise mask_dtype_error(m.dtype)
-        strategy = DenseMask(m, "keep")
-    if strategy is not None and strategy.structured and ax != nd - 1:
-        raise structured_axis_error(strategy, axis)
+    strategy = mask_strategy(mask, xa.shape, "x's")
+    check_structured_axis(strategy, ax, nd, axis)
     plan, bounds = _plan(strategy, xa.shape)
 
     cdt = compute_dtype(xa.dtype)
@@ -392,21 +292,20 @@ def build_softmax_requests(
     if plan is not None and plan.keep is not None:
         operands[2] = np.broadcast_to(plan.keep, xa.shape)
     if bias is not None:
-        ba = _check_float(as_array(bias, "bias"), "bias", BIAS_HINT)
-        if ba.ndim > nd:
-            raise ndim_error("bias", ba.ndim, "x's", nd)
-        try:
-            operands[3] = np.broadcast_to(ba.astype(cdt, copy=False), xa.shape)
-        except ValueError:
-            raise broadcast_error("bias", ba.shape, "x's", xa.shape) from None
+        ba = host_float(as_array(bias, "bias"), "bias", BIAS_HINT)
+        check_broadcast(Operand.of_host(ba, "bias"), xa.shape, "x's")
+        operands[3] = np.broadcast_to(ba.astype(cdt, copy=False), xa.shape)
 
     inplace = False
     if out is None:
         oa = outputs.empty(xa.shape, xa.dtype)
     else:
-        oa, inplace = _check_out(out, xa)
-        check_not_aliased(oa, operands[2], "mask")
-        check_not_aliased(oa, operands[3], "bias")
+        oa = as_array(out, "out")
+        o = Operand.of_host(oa, "out")
+        inplace = check_out(o, Operand.of_host(xa, "x"))
+        for a, name in ((operands[2], "mask"), (operands[3], "bias")):
+            if a is not None:
+                check_not_aliased(o, Operand.of_host(a, name))
     operands[1] = oa
 
     if ax != nd - 1:
@@ -421,12 +320,12 @@ def build_softmax_requests(
         operands[2] is not None,
         operands[3] is not None,
         bounds is not None,
-        _mask_key(strategy),
+        mask_key(strategy),
         tuple(None if f is None else f.key for f in user_fns),
         inplace,
         get_num_threads(),
     )
-    folded = [None if a is None else _fold(a) for a in operands]
+    folded = [None if a is None else fold(a) for a in operands]
     if any(f is None and a is not None for f, a in zip(folded, operands, strict=True)):
         requests = _split(operands, bounds, s, cdt, strategy, key, 0, user_fns)
     else:
@@ -457,7 +356,7 @@ def _split(
     for i in range(x.shape[1]):
         sub = [None if a is None else a[:, i] for a in operands]
         sub_bounds = None if bounds is None else bounds[:, i * inner_h : (i + 1) * inner_h]
-        folded = [None if a is None else _fold(a) for a in sub]
+        folded = [None if a is None else fold(a) for a in sub]
         if any(f is None and a is not None for f, a in zip(folded, sub, strict=True)):
             requests += _split(sub, sub_bounds, s, cdt, strategy, key, h0 + i * inner_h, user_fns)
         else:

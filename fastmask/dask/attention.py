@@ -7,7 +7,6 @@ The output's blocks follow ``q``'s chunks along the batch, head and query axes;
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
@@ -15,8 +14,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from ..attention_request import attention_shapes
-from ..request import check_scale
+from ..rules import attention_dims
 from .attention_tasks import (
     AttentionSpec,
     attention_merge_task,
@@ -26,7 +24,7 @@ from .attention_tasks import (
     scale_weights_task,
 )
 from .blocks import ArrayValuesDep
-from .operands import as_dask, check_float_dtype, pad, prepare, prepare_bias, split_mask
+from .operands import as_dask, describe, pad, prepare, prepare_bias, split_mask
 from .workers import check_threads
 
 __all__ = ["attention"]
@@ -76,26 +74,9 @@ def attention(
         ``batch + (Lq, Lk)``.
     """
     qd, kd, vd = as_dask(q, "q"), as_dask(k, "k"), as_dask(v, "v")
-    hint = "Convert first, e.g. a.astype(numpy.float32)."
-    for a, name in ((qd, "q"), (kd, "k"), (vd, "v")):
-        check_float_dtype(a.dtype, name, hint)
-    if not qd.dtype == kd.dtype == vd.dtype:
-        raise TypeError(
-            f"q, k and v must have the same dtype; got {qd.dtype}, {kd.dtype} and {vd.dtype}. "
-            "Convert them first, e.g. k.astype(q.dtype)."
-        )
-    if not isinstance(return_weights, (bool, np.bool_)):
-        raise TypeError(f"return_weights must be a bool; got {return_weights!r}")
-    batch, hq, hk = attention_shapes(qd, kd, vd)
-    group = hq // hk
-    batch = tuple(int(d) for d in batch)
+    ops = (describe(a, name) for a, name in ((qd, "q"), (kd, "k"), (vd, "v")))
+    batch, group, _, lq, d, lk, dv, s = attention_dims(*ops, scale, return_weights)
     nb = len(batch)
-    lq, d = (int(n) for n in qd.shape[-2:])
-    lk, dv = (int(n) for n in vd.shape[-2:])
-    if scale is None:
-        s = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    else:
-        s = check_scale(scale)
     threads = check_threads(threads)
     strategy, dense = split_mask(mask)
     scores = (*batch, lq, lk)

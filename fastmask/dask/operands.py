@@ -16,17 +16,10 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from ..dtypes import is_float
 from ..masks import MaskStrategy
 from ..masks.base import AllOf
 from ..masks.dense import DenseMask
-from ..request import (
-    BIAS_HINT,
-    broadcast_error,
-    float_dtype_error,
-    mask_dtype_error,
-    ndim_error,
-)
+from ..rules import BIAS_HINT, Operand, check_bool_mask, check_broadcast, check_float, ndim_error
 from .blocks import Block, Spec, block_table, rows_to_nd
 from .lazy_dense import LazyDense
 from .user_functions import Shipped
@@ -34,7 +27,7 @@ from .user_functions import Shipped
 __all__ = [
     "Prepared",
     "as_dask",
-    "check_float_dtype",
+    "describe",
     "move_last",
     "pad",
     "prepare",
@@ -57,10 +50,11 @@ def as_dask(a: Any, what: str) -> da.Array:
     return arr
 
 
-def check_float_dtype(dt: np.dtype, what: str, hint: str) -> None:
-    """TypeError unless fastmask computes with ``dt`` (as the in-memory call)."""
-    if not is_float(dt):
-        raise float_dtype_error(dt, what, hint)
+def describe(a: Any, what: str) -> Operand:
+    """The rules' description of a dask or NumPy operand."""
+    if isinstance(a, da.Array):
+        return Operand.of_dask(a, what)
+    return Operand.of_host(a, what)
 
 
 def pad(a: Any, nd: int) -> Any:
@@ -76,14 +70,8 @@ def _fit(a: Any, shape: tuple, what: str, whose: str) -> Any:
 
     ``whose`` names the target in errors: "x's", "the scores'".
     """
-    nd = len(shape)
-    if a.ndim > nd:
-        raise ndim_error(what, a.ndim, whose, nd)
-    a = pad(a, nd)
-    for d, s in zip(a.shape, shape, strict=True):
-        if d not in (1, s):
-            raise broadcast_error(what, tuple(a.shape), whose, shape)
-    return a
+    check_broadcast(describe(a, what), shape, whose)
+    return pad(a, len(shape))
 
 
 def _align(a: da.Array, shape: tuple, chunks: tuple, what: str, whose: str) -> da.Array:
@@ -111,13 +99,8 @@ def split_mask(mask: Any) -> tuple[MaskStrategy | None, list[Any]]:
         return strategy, lazy
     if isinstance(mask, MaskStrategy):
         return mask, []
-    if isinstance(mask, da.Array):
-        if mask.dtype != np.bool_:
-            raise mask_dtype_error(mask.dtype)
-        return None, [mask]
-    m = np.asarray(mask)
-    if m.dtype != np.bool_:
-        raise mask_dtype_error(m.dtype)
+    m = mask if isinstance(mask, da.Array) else np.asarray(mask)
+    check_bool_mask(describe(m, "mask"))
     return None, [m]
 
 
@@ -191,7 +174,7 @@ def prepare_bias(bias: Any) -> Any:
     if bias is None:
         return None
     b = bias if isinstance(bias, da.Array) else np.asarray(bias)
-    check_float_dtype(b.dtype, "bias", BIAS_HINT)
+    check_float(describe(b, "bias"), BIAS_HINT)
     return b
 
 

@@ -15,9 +15,9 @@ import dask.array as da
 import numpy as np
 
 from .. import api
-from ..request import LOGITS_HINT, check_scale, softmax_axis, structured_axis_error
+from ..rules import LOGITS_HINT, check_float, check_scale, check_structured_axis, softmax_axis
 from .blocks import ArrayValuesDep, Block, BlockMask, Spec, block_inputs
-from .operands import as_dask, check_float_dtype, move_last, prepare, prepare_bias, split_mask
+from .operands import as_dask, describe, move_last, prepare, prepare_bias, split_mask
 from .split_rows import normalise_task, stats_task, weights_task
 from .workers import check_threads, task_threads, thread_scope
 
@@ -82,14 +82,13 @@ def masked_softmax(
         As the in-memory call, at once (before anything is computed).
     """
     xd = as_dask(x, "x")
-    check_float_dtype(xd.dtype, "x (the logits)", LOGITS_HINT)
+    check_float(describe(xd, "x (the logits)"), LOGITS_HINT)
     nd = xd.ndim
     ax = softmax_axis(axis, nd)
     s = check_scale(scale)
     threads = check_threads(threads)
     strategy, dense = split_mask(mask)
-    if strategy is not None and strategy.structured and ax != nd - 1:
-        raise structured_axis_error(strategy, axis)
+    check_structured_axis(strategy, ax, nd, axis)
     bias = prepare_bias(bias)
     if ax != nd - 1:
         xd = da.moveaxis(xd, ax, -1)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rules import HOST, Operand, check_broadcast
 from .base import MaskPlan, MaskStrategy
 
 __all__ = ["DenseMask", "as_keep", "check_mask_shape", "drop", "keep"]
@@ -26,17 +27,10 @@ def as_keep(a: Any, convention: str, where: str = "fastmask.masks") -> Any:
 
 
 def check_mask_shape(mask_shape: tuple[int, ...], shape: tuple[int, ...]) -> None:
-    """Raise ValueError unless a dense mask of ``mask_shape`` broadcasts to logits of ``shape``."""
-    try:
-        np.broadcast_shapes(tuple(mask_shape), tuple(shape))
-    except ValueError:
-        raise ValueError(
-            f"mask of shape {tuple(mask_shape)} does not broadcast to the logits' shape {shape}"
-        ) from None
-    if len(mask_shape) > len(shape):
-        raise ValueError(
-            f"mask has {len(mask_shape)} dimensions, more than the logits' {len(shape)}"
-        )
+    """Raise ValueError unless a dense mask of ``mask_shape`` broadcasts to logits of ``shape``
+    (the rule of :func:`fastmask.rules.check_broadcast`)."""
+    op = Operand("mask", tuple(mask_shape), np.dtype(np.bool_), HOST, None)
+    check_broadcast(op, tuple(shape), "the logits'")
 
 
 class DenseMask(MaskStrategy):

@@ -15,7 +15,8 @@ import functools
 import numpy as np
 
 from fastmask import Backend, Verdict
-from fastmask.device import DEVICE_ATTENTION_OP, DEVICE_OP, Strided, host_operand
+from fastmask.device import DEVICE_ATTENTION_OP, DEVICE_OP, host_operand
+from fastmask.strided import Strided
 
 from . import flash, kernels, memory
 
