@@ -50,6 +50,18 @@ def backend_available(name: str) -> tuple[bool, str]:
     return backend.status()
 
 
+@pytest.fixture(params=["default", "small"])
+def tiles(request, monkeypatch):
+    """Run each case with the default tiles of the tiled attention driver and with tiny
+    ones (many tiles, partial blocks; tiles start at non-zero queries and keys)."""
+    if request.param == "small":
+        from fastmask.kernels import tiled_attention
+
+        monkeypatch.setattr(tiled_attention, "TILE_BYTES", 2048)
+        monkeypatch.setattr(tiled_attention, "QUERY_BLOCK", 5)
+    return request.param
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     ok, why = backend_available(request.param)

@@ -55,15 +55,6 @@ def check(out, ref, dtype):
     np.testing.assert_allclose(out.astype(np.float64), ref, **TOL[np.dtype(dtype)])
 
 
-@pytest.fixture(params=["default", "small"])
-def tiles(request, monkeypatch):
-    """Run each case with the default tiles and with tiny ones (many tiles, partial blocks)."""
-    if request.param == "small":
-        monkeypatch.setattr(tiled_attention, "TILE_BYTES", 2048)
-        monkeypatch.setattr(tiled_attention, "QUERY_BLOCK", 5)
-    return request.param
-
-
 B, H, LQ, LK, D, DV = 2, 3, 19, 23, 16, 8
 SHAPE = (B, H, LQ, LK)
 RNG_LEN = np.array([23, 9])

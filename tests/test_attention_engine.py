@@ -232,7 +232,7 @@ def _user_reference(q, k, v, keep_fn=None, score_fn=None, mask=None, bias=None):
     e = np.exp(z4 - np.where(np.isfinite(mx), mx, 0))
     total = e.sum(-1, keepdims=True)
     w = np.divide(e, total, out=np.zeros_like(e), where=total > 0).reshape(shape)
-    return w @ v64
+    return w @ v64, w
 
 
 def _every_third(b, h, i, j):
@@ -247,14 +247,18 @@ USER_CASES = {
     "predicate": ((2, 3, 70, 32), (2, 3, 130, 32), _every_third, None, None),
     "predicate&causal": ((2, 3, 70, 32), (2, 3, 70, 32), _every_third, None, "causal-br"),
     "score": ((2, 3, 70, 32), (2, 3, 90, 32), None, _alibi, None),
+    "both&window": ((2, 3, 70, 32), (2, 3, 70, 32), _every_third, _alibi, "window"),
     "score&padding+bias": ((2, 3, 33, 32), (2, 3, 90, 32), None, _alibi, "padding"),
     "both, GQA decode": ((2, 8, 1, 64), (2, 2, 1500, 64), _every_third, _alibi, "padding"),
     "both, 3-D": ((3, 40, 16), (3, 50, 16), _every_third, _alibi, None),
 }
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["out", "weights"])
 @pytest.mark.parametrize("case", list(USER_CASES))
-def test_user_functions_in_attention(backend, case):
+def test_user_functions_in_attention(backend, tiles, case, weights):
+    """The fused engine (cython), the tiled driver (numba; with tiny tiles the
+    functions see tiles' rows at non-zero query and key offsets) and the reference."""
     qshape, kshape, keep_fn, score_fn, kind = USER_CASES[case]
     rng = np.random.default_rng(len(case))
     q, k, v = qkv(rng, qshape, kshape)
@@ -262,6 +266,8 @@ def test_user_functions_in_attention(backend, case):
     bias = None
     if kind == "causal-br":
         mask = m.causal(align="bottom-right")
+    elif kind == "window":  # tiles of later queries start past key 0
+        mask = m.sliding_window(20)
     elif kind == "padding":
         mask = m.padding(np.array([kshape[-2], kshape[-2] // 3]))
         if "bias" in case:
@@ -271,26 +277,42 @@ def test_user_functions_in_attention(backend, case):
         [m.score(score_fn)] if score_fn else []
     ):
         strategy = part if strategy is None else strategy & part
-    verdict = fm.explain_attention(q, k, v, strategy, bias=bias, backend=None)
+    verdict = fm.explain_attention(
+        q, k, v, strategy, bias=bias, return_weights=weights, backend=None
+    )
     mine = next(c for c in verdict.candidates if c.name == backend)
     if not mine.ok:
         assert "predicates and score functions" in mine.reason
         pytest.skip(f"{backend}: {mine.reason}")
-    out = fm.attention(q, k, v, strategy, bias=bias, backend=backend)
-    ref = _user_reference(q, k, v, keep_fn, score_fn, mask, bias)
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    got = fm.attention(q, k, v, strategy, bias=bias, return_weights=weights, backend=backend)
+    ref, ref_w = _user_reference(q, k, v, keep_fn, score_fn, mask, bias)
+    np.testing.assert_allclose(got[0] if weights else got, ref, atol=2e-5, rtol=2e-5)
+    if weights:
+        np.testing.assert_allclose(got[1], ref_w, atol=2e-6, rtol=2e-5)
 
 
-def test_user_function_errors_name_the_row():
+def test_return_weights_with_user_functions_run_compiled():
+    """return_weights=True with a predicate: the numba tiled driver, not the reference."""
+    pytest.importorskip("numba")
+    q, k, v = qkv(np.random.default_rng(3), (1, 2, 40, 16), (1, 2, 40, 16))
+    verdict = fm.explain_attention(q, k, v, m.predicate(_every_third), return_weights=True)
+    assert verdict.chosen == "numba"
+
+
+@pytest.mark.parametrize(
+    ("route", "weights"), [("cython", False), ("numba", False), ("numba", True)]
+)
+def test_user_function_errors_name_the_row(tiles, route, weights):
     def boom(b, h, i, j):
         if b == 1 and h == 2 and i == 5 and j == 7:
             raise ValueError("no such token")
         return True
 
+    pytest.importorskip("numba")
     rng = np.random.default_rng(29)
     q, k, v = qkv(rng, (2, 4, 9, 16), (2, 4, 9, 16))
     with pytest.raises(ValueError) as info:  # the user's bug: not a BackendError
-        fm.attention(q, k, v, m.predicate(boom), backend="cython")
+        fm.attention(q, k, v, m.predicate(boom), return_weights=weights, backend=route)
     assert not isinstance(info.value, fm.BackendError)
     assert "b=1, h=2, q_idx=5, k_idx=7" in str(info.value)
     assert isinstance(info.value.__cause__, ValueError)  # the function's own error

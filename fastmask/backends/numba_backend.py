@@ -12,7 +12,10 @@ float64 in their own precision.
 
 Attention runs the shared tiled driver (:mod:`fastmask.kernels.tiled_attention`)
 with this backend's serial softmax kernel on each tile (no parallel launch, so
-no lock: the products use NumPy's BLAS threads).
+no lock: the products use NumPy's BLAS threads). User predicates and score
+functions run there too, on each tile's rows: this is the compiled path for
+``return_weights=True`` with them (the cython backend's fused engine returns no
+weights).
 """
 
 from __future__ import annotations
@@ -83,15 +86,12 @@ class NumbaBackend(Backend):
                 f"{request.dtype}: the numba kernels take float16, bfloat16, float32 or float64"
             )
         if request.op == "attention":
-            if runs_user_code(request):
-                return Verdict.no(
-                    "custom predicates and score functions: masked_softmax only here "
-                    "(attention runs them in the cython backend's fused engine)"
-                )
+            custom = runs_user_code(request)
             v = tiled_attention.estimate(request, self.OVERHEAD_US, self.PER_ELEMENT_US)
-            if _kernels is None or not _kernels.is_compiled(request.compute_dtype):
-                return Verdict(True, v.reason + ", JIT warm-up first", v.cost + self.WARMUP_US)
-            return v
+            reason = v.reason + (", user functions on each tile" if custom else "")
+            if _kernels is None or not _kernels.is_compiled(request.compute_dtype, custom):
+                return Verdict(True, reason + ", JIT warm-up first", v.cost + self.WARMUP_US)
+            return Verdict(True, reason, v.cost)
         n = threads_for(request.size, request.rows)
         cost = self.OVERHEAD_US + self.PER_ELEMENT_US * request.size / n
         custom = runs_user_code(request)
@@ -125,9 +125,10 @@ class NumbaBackend(Backend):
 
     def attention(self, request) -> None:
         kernels = _load()
-        warm = kernels.is_compiled(request.compute_dtype)
-        if not warm:
-            kernels.compile(request.compute_dtype)  # both kernels, as is_compiled() counts
+        custom = runs_user_code(request)
+        warm = kernels.is_compiled(request.compute_dtype, custom)
+        if not warm and not custom:  # both kernels, as is_compiled() counts
+            kernels.compile(request.compute_dtype)  # (a custom one is built on first use)
         # Serial softmax per tile (parallel_softmax=False): the kernel runs with
         # nthreads=1, which launches no parallel region and needs no lock.
         tiled_attention.run(request, kernels.masked_softmax_4d)

@@ -123,9 +123,10 @@ _P_B, _P_H, _P_Q, _P_N = 0, 1, 2, 3
 _P_X, _P_OUT, _P_KEEP, _P_BIAS, _P_BOUNDS = 4, 9, 14, 19, 24  # offset, then 4 strides
 _P_FLAGS, _P_H0, _P_NCHUNKS = 29, 30, 31  # 32 entries in all
 _F_KEEP, _F_BIAS, _F_BOUNDS, _F_INPLACE, _F_STREAM = 1, 2, 4, 8, 16
-# int64 array of the custom kernels: row-function addresses (0: none) and an
-# error slot (0, or 1 + 2*row for a failed predicate, 2 + 2*row for a score)
-_C_PRED, _C_SCORE, _C_ERROR = 0, 1, 2
+# int64 array of the custom kernels: row-function addresses (0: none), an error
+# slot (0, or 1 + 2*row for a failed predicate, 2 + 2*row for a score) and the
+# origin (b, q, k) added to the indices the row functions see (attention tiles)
+_C_PRED, _C_SCORE, _C_ERROR, _C_B0, _C_Q0, _C_K0 = 0, 1, 2, 3, 4, 5
 _U64_ZERO = np.uint64(0)
 _U64_BYTE_ONES = np.uint64(0x0101010101010101)
 _U64_56 = np.uint64(56)
@@ -993,11 +994,12 @@ def _install() -> None:
             def impl(fns, p, r, b, h, q, lo, hi, xp, kp, bp, sc, hk, hb, inplace, bufs, nxt):
                 pbuf, p8, zbuf = bufs
                 hg = h + p[_P_H0]
+                bg, qg, k0 = b + fns[_C_B0], q + fns[_C_Q0], fns[_C_K0]
                 n = hi - lo
                 pred = fns[_C_PRED]
                 if pred != 0:
                     pp = _ne.address(p8, 0)
-                    if _ne.call_row_fn(pred, pp, b, hg, q, lo, n) != 0:
+                    if _ne.call_row_fn(pred, pp, bg, hg, qg, lo + k0, n) != 0:
                         fns[_C_ERROR] = 1 + 2 * r
                         return lo, lo, xp, kp, bp, sc, hk, hb, inplace
                     if hk:
@@ -1025,7 +1027,7 @@ def _install() -> None:
                 if score != 0:
                     zp = _ne.address(zbuf, 0)
                     _score_input(xp, bp, zp, n, sc, hb)
-                    if _ne.call_row_fn(score, zp, b, hg, q, lo, n) != 0:
+                    if _ne.call_row_fn(score, zp, bg, hg, qg, lo + k0, n) != 0:
                         fns[_C_ERROR] = 2 + 2 * r
                         return lo, lo, xp, kp, bp, sc, hk, hb, inplace
                     return lo, hi, zp, kp, bp, _cval(bp, 1.0), hk, False, False
@@ -1260,8 +1262,9 @@ def _flat(a: np.ndarray, view_dtype=None) -> tuple[np.ndarray, tuple]:
 
 
 def masked_softmax_4d(
-    x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate=None, score=None
-) -> None:
+    x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate=None, score=None,
+    origin=(0, 0, 0),
+) -> None:  # fmt: skip
     """Masked softmax over the last axis of a 4-D ``(B, H, Q, N)`` array.
 
     Parameters
@@ -1296,6 +1299,9 @@ def masked_softmax_4d(
         function (:func:`predicate_row_function`, :func:`score_row_function`),
         and ``row_failed(b, h, q, n)``, which raises the error of a row on
         which the row function failed. With either, the custom kernels run.
+    origin : tuple of int
+        ``(b0, q0, k0)`` added to the batch, query and key indices the row
+        functions see: ``x4`` is a tile of a larger grid (attention).
 
     Notes
     -----
@@ -1306,9 +1312,10 @@ def masked_softmax_4d(
     are computed in float32 and rounded to nearest even.
 
     With a predicate, keys it drops are masked like ``keep4`` False; with a
-    score function, ``z`` is replaced by ``score(z, b, h0 + h, q, k)`` before
-    masking. If a row function fails on some row, the kernel finishes (that
-    row is written as zeros) and ``row_failed`` raises afterwards.
+    score function, ``z`` is replaced by
+    ``score(z, b0 + b, h0 + h, q0 + q, k0 + k)`` before masking. If a row
+    function fails on some row, the kernel finishes (that row is written as
+    zeros) and ``row_failed`` raises afterwards.
 
     Compiles the kernels for ``x4``'s dtype on first use (see :func:`compile`).
     """
@@ -1326,7 +1333,7 @@ def masked_softmax_4d(
         and (bias4 is None or bias4.flags.aligned)
         and (bounds4 is None or bounds4.flags.aligned)
     ):
-        _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate, score)
+        _unaligned(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate, score, origin)
         return
     xf, xg = _flat(x4, view)
     of, og = _flat(out4, view)
@@ -1353,7 +1360,8 @@ def masked_softmax_4d(
     nchunks = min(nthreads, rows)
     params = np.array((B, H, Q, N, *xg, *og, *kg, *bg, *dg, flags, h0, nchunks), dtype=np.int64)
     if predicate is not None or score is not None:
-        fns = np.zeros(3, np.int64)
+        b0, q0, k0 = origin
+        fns = np.array((0, 0, 0, b0, q0, k0), np.int64)
         if predicate is not None:
             fns[_C_PRED] = predicate.row_function(ctype)
         if score is not None:
@@ -1362,7 +1370,7 @@ def masked_softmax_4d(
         if fns[_C_ERROR]:
             which, r = (fns[_C_ERROR] - 1) % 2, (fns[_C_ERROR] - 1) // 2
             failed = predicate if which == 0 else score
-            failed.row_failed(r // (H * Q), h0 + (r // Q) % H, r % Q, N)
+            failed.row_failed(b0 + r // (H * Q), h0 + (r // Q) % H, q0 + r % Q, k0 + N)
         return
     kern = _kernels.get((key, nchunks > 1))
     if kern is None:
@@ -1374,8 +1382,9 @@ _NO_GEO = (0, 0, 0, 0, 0)
 
 
 def _unaligned(
-    x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate=None, score=None
-) -> None:
+    x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, predicate=None, score=None,
+    origin=(0, 0, 0),
+) -> None:  # fmt: skip
     """Operands not aligned to their itemsize (rare): run on aligned copies."""
 
     def aligned(a):
@@ -1384,7 +1393,7 @@ def _unaligned(
     out = out4 if out4.flags.aligned else np.empty(out4.shape, out4.dtype)
     masked_softmax_4d(
         aligned(x4), out, scale, keep4, aligned(bias4), aligned(bounds4), h0, nthreads,
-        predicate, score,
+        predicate, score, origin,
     )  # fmt: skip
     if out is not out4:
         np.copyto(out4, out)

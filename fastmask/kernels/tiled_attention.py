@@ -220,6 +220,38 @@ def _split_heads(a: np.ndarray, nkv: int, g: int) -> np.ndarray:
     )
 
 
+def _plain(softmax: SoftmaxKernel) -> SoftmaxKernel:
+    """``softmax`` called on a tile at ``(b, i0, k0)``; a plain kernel needs no origin."""
+
+    def call(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, b, i0, k0):
+        softmax(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads)
+
+    return call
+
+
+def _with_user_functions(softmax: SoftmaxKernel, request) -> SoftmaxKernel:
+    """``softmax`` on a tile at ``(b, i0, k0)`` running the request's user functions,
+    which see the indices of the whole call's scores.
+
+    3-D scores (``swap_bh``): the functions see ``b`` = the head and ``h`` = the
+    request's ``h0``, as ``masked_softmax`` indexes ``(X, Lq, Lk)``; the tile is passed
+    as ``(heads, 1, queries, keys)`` views, so the kernel's batch axis is the head.
+    """
+    fns = {"predicate": request.predicate, "score": request.score}
+    h_req = request.h0
+
+    def swap(a):
+        return None if a is None else a.swapaxes(0, 1)
+
+    def call(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, b, i0, k0):
+        if request.swap_bh:
+            x4, out4, keep4, bias4, bounds4 = map(swap, (x4, out4, keep4, bias4, bounds4))
+            b, h0 = h0 - h_req, h_req
+        softmax(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads, **fns, origin=(b, i0, k0))
+
+    return call
+
+
 def run(
     request,
     softmax: SoftmaxKernel,
@@ -236,7 +268,10 @@ def run(
         ``out4`` (and ``weights4``) must be zero-filled: skipped tiles are not written.
     softmax : callable
         ``softmax(x4, out4, scale, keep4, bias4, bounds4, h0, nthreads)``, the
-        masked-softmax kernel contract of the compiled backends.
+        masked-softmax kernel contract of the compiled backends. A request with a
+        user predicate or score function also passes ``predicate``, ``score`` and
+        ``origin=(b0, q0, k0)``, the tile's place in the scores, to a kernel that runs
+        them (``fastmask.kernels.numba_softmax.masked_softmax_4d``).
     parallel_softmax : bool
         Let the kernel use several threads on a tile (``fastmask.set_num_threads``);
         by default each tile's softmax runs on the calling thread (see the module
@@ -263,6 +298,10 @@ def run(
     obuf = np.empty(hb * tq * dv, cdt) if half_out else None
     weights_direct = w4 is not None and w4.dtype == cdt
     lo_t, hi_t, exact_t = plan.lo.tolist(), plan.hi.tolist(), plan.exact.tolist()
+    if request.predicate is not None or request.score is not None:
+        softmax = _with_user_functions(softmax, request)
+    else:
+        softmax = _plain(softmax)
 
     for b in range(b_n):
         for hbi, h0 in enumerate(range(0, h_n, hb)):
@@ -297,10 +336,10 @@ def run(
                 nthreads = threads_for(nh * m * n, nh * m) if parallel_softmax else 1
                 if weights_direct:
                     w = w4[b : b + 1, h0:h1, i0:i1, k0:k1]  # type: ignore[index]
-                    softmax(s4, w, scale, keep, bias, bnd, request.h0 + h0, nthreads)
+                    softmax(s4, w, scale, keep, bias, bnd, request.h0 + h0, nthreads, b, i0, k0)
                     p5 = _split_heads(w[0], nkv, g)
                 else:
-                    softmax(s4, s4, scale, keep, bias, bnd, request.h0 + h0, nthreads)
+                    softmax(s4, s4, scale, keep, bias, bnd, request.h0 + h0, nthreads, b, i0, k0)
                     if w4 is not None:
                         w4[b : b + 1, h0:h1, i0:i1, k0:k1] = s4
                     p5 = s5
