@@ -194,8 +194,6 @@ static FM_UNUSED void fm_at_layout_make(const fm_attn_args *a, fm_ssize rmax, fm
 /* float: int32 lanes; double: int64 lanes. Blocks of 64 keys (S^T: 64 x 64 floats,
  * 16 KiB, beside Q^T and O^T of the same size: all in L1/L2). */
 #define FM_AT_BK 64
-/* Keys per slice of a block whose rows are staggered (computed per row-vector range). */
-#define FM_AT_SLICE 16
 
 #define FM_AT_T float
 #define FM_AT_IT int32_t

@@ -201,6 +201,57 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_pv)(const FM_AT_T *pt, fm_ssize rp, fm_ssi
     }
 }
 
+/* One row vector (the rows of lanes [0, VL) of qt / st) against 8 keys at a time: 8
+ * accumulator chains where fm_at_qk_n with NRV = 1 has JB, so a row vector's own key
+ * range (the staggered rows of causal diagonals and window edges) runs at the FMA
+ * units' throughput rather than at their latency. */
+static FM_AT_ATTR void FM_AT_FN(fm_at_qk_rv)(const FM_AT_T *qt, fm_ssize rp, fm_ssize d_n,
+                                             const char *kr, fm_ssize ks, fm_ssize nk,
+                                             FM_AT_T *st)
+{
+    fm_ssize j = 0, d;
+    int jj;
+    for (; j + 8 <= nk; j += 8) {
+        V c[8];
+        const FM_AT_T *kp[8];
+        for (jj = 0; jj < 8; jj++) {
+            kp[jj] = (const FM_AT_T *)(kr + (j + jj) * ks);
+            c[jj] = FM_AT_FN(fm_at_splat)(0);
+        }
+        for (d = 0; d < d_n; d++) {
+            const V qv = *(const V *)(qt + d * rp);
+            for (jj = 0; jj < 8; jj++) c[jj] += kp[jj][d] * qv;
+        }
+        for (jj = 0; jj < 8; jj++) *(V *)(st + (j + jj) * rp) = c[jj];
+    }
+    if (j < nk) FM_AT_FN(fm_at_qk_n)(qt, rp, d_n, kr + j * ks, ks, nk - j, st + j * rp, 1);
+}
+
+/* O^T[e][lanes] += sum_j V[j][e] * P^T[j][lanes] for one row vector, FM_AT_EV values
+ * of e at a time (as many chains; one V row's values are broadcast from one pointer).
+ * 16 with AVX-512's 32 vector registers, 8 with the 16 of AVX2 and SSE. */
+#define FM_AT_EV (FM_AT_VB == 64 ? 16 : 8)
+static FM_AT_ATTR void FM_AT_FN(fm_at_pv_rv)(const FM_AT_T *pt, fm_ssize rp, fm_ssize nk,
+                                             const char *vr, fm_ssize vs, fm_ssize dv_n,
+                                             FM_AT_T *ot)
+{
+    fm_ssize e = 0, j;
+    int ee;
+    for (; e + FM_AT_EV <= dv_n; e += FM_AT_EV) {
+        V c[FM_AT_EV];
+        for (ee = 0; ee < FM_AT_EV; ee++) c[ee] = *(V *)(ot + (e + ee) * rp);
+        for (j = 0; j < nk; j++) {
+            const FM_AT_T *vj = (const FM_AT_T *)(vr + j * vs) + e;
+            const V pv = *(const V *)(pt + j * rp);
+            for (ee = 0; ee < FM_AT_EV; ee++) c[ee] += vj[ee] * pv;
+        }
+        for (ee = 0; ee < FM_AT_EV; ee++) *(V *)(ot + (e + ee) * rp) = c[ee];
+    }
+    if (e < dv_n)
+        FM_AT_FN(fm_at_pv_n)(pt, rp, nk, vr + e * (fm_ssize)sizeof(FM_AT_T), vs, dv_n - e,
+                             ot + e * rp, 0, 1);
+}
+
 /* Online softmax of one block of scores S^T (nk x rp, in place -> P^T), lane = row:
  * scale, bias, the rows' intervals and the dense keep mask; the running max m and sum
  * l of every row are updated and O^T is rescaled. A kept NaN or +inf score makes the
@@ -332,9 +383,9 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
     const char *kbase = a->k + it->b * a->ks_b + it->kvh * a->ks_h;
     const char *vbase = a->v + it->b * a->vs_b + it->kvh * a->vs_h;
     const fm_ssize nrv = rp / FM_AT_VL;
-    fm_ssize r, d, k0, j0, i0, nsl;
+    fm_ssize r, d, k0, i0;
     fm_ssize rv_lo[FM_AT_RV], rv_hi[FM_AT_RV]; /* keys kept by some row of a row vector */
-    fm_ssize sl_ra[FM_AT_BK / FM_AT_SLICE + 1], sl_rb[FM_AT_BK / FM_AT_SLICE + 1];
+    fm_ssize rv_a[FM_AT_RV], rv_b[FM_AT_RV];   /* ... within this block: [a, b) */
     int first = 1; /* no block computed yet: O^T holds nothing (written, not added to) */
     int whole = 1;
     FM_AT_T boff[FM_AT_RMAX]; /* each row's bias offset (fm_at_bias_offset), or 0 */
@@ -413,35 +464,26 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
                 }
             }
         }
-        /* Staggered rows (the diagonal of causal masks, the edges of windows): each
-         * 16-key slice of the block is computed only for the row vectors [ra, rb)
-         * that keep one of its keys; the rest of S^T is masked by the softmax. */
-        nsl = 0;
-        for (j0 = 0; j0 < nk; j0 += FM_AT_SLICE) {
-            const fm_ssize j1 = nk - j0 < FM_AT_SLICE ? k0 + nk : k0 + j0 + FM_AT_SLICE;
-            fm_ssize i, ra = nrv, rb = 0;
-            for (i = 0; i < nrv; i++)
-                if (rv_lo[i] < j1 && rv_hi[i] > k0 + j0) {
-                    if (i < ra) ra = i;
-                    rb = i + 1;
-                }
-            sl_ra[nsl] = ra;
-            sl_rb[nsl] = rb;
-            whole &= ra == 0 && rb == nrv;
-            nsl++;
+        /* Staggered rows (the diagonal of causal masks, the edges of windows): when some
+         * row vector keeps only part of the block, each row vector's scores are computed
+         * over its own kept range [a, b) alone; the rest of S^T is masked by the
+         * softmax. */
+        for (i0 = 0; i0 < nrv; i0++) {
+            rv_a[i0] = rv_lo[i0] > k0 ? rv_lo[i0] - k0 : 0;
+            rv_b[i0] = rv_hi[i0] < k0 + nk ? rv_hi[i0] - k0 : nk;
+            if (rv_b[i0] < rv_a[i0]) rv_b[i0] = rv_a[i0];
+            whole &= rv_a[i0] == 0 && rv_b[i0] == nk;
         }
         if (a->score) whole = 1; /* user code sees every score it rewrites */
         if (whole) {
             FM_AT_FN(fm_at_qk)(qt, rp, d_n, kbase + k0 * a->ks_k, a->ks_k, nk, st, nrv);
         } else {
-            for (i0 = 0; i0 < nsl; i0++) {
-                const fm_ssize j0s = i0 * FM_AT_SLICE, ra = sl_ra[i0], rb = sl_rb[i0];
-                const fm_ssize n = nk - j0s < FM_AT_SLICE ? nk - j0s : FM_AT_SLICE;
-                if (ra < rb)
-                    FM_AT_FN(fm_at_qk)(qt + ra * FM_AT_VL, rp, d_n, kbase + (k0 + j0s) * a->ks_k,
-                                       a->ks_k, n, st + j0s * rp + ra * FM_AT_VL, rb - ra);
-            }
-            if (first) { /* O^T is accumulated slice by slice: it must start at zero */
+            for (i0 = 0; i0 < nrv; i0++)
+                if (rv_a[i0] < rv_b[i0])
+                    FM_AT_FN(fm_at_qk_rv)(qt + i0 * FM_AT_VL, rp, d_n,
+                                          kbase + (k0 + rv_a[i0]) * a->ks_k, a->ks_k,
+                                          rv_b[i0] - rv_a[i0], st + rv_a[i0] * rp + i0 * FM_AT_VL);
+            if (first) { /* O^T is accumulated row vector by row vector: it starts at zero */
                 memset(ot, 0, (size_t)(dv_n * rp) * sizeof(FM_AT_T));
             }
         }
@@ -475,14 +517,11 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
         if (whole) {
             FM_AT_FN(fm_at_pv)(st, rp, nk, vbase + k0 * a->vs_k, a->vs_k, dv_n, ot, first, nrv);
         } else {
-            for (i0 = 0; i0 < nsl; i0++) {
-                const fm_ssize j0s = i0 * FM_AT_SLICE, ra = sl_ra[i0], rb = sl_rb[i0];
-                const fm_ssize n = nk - j0s < FM_AT_SLICE ? nk - j0s : FM_AT_SLICE;
-                if (ra < rb)
-                    FM_AT_FN(fm_at_pv)(st + j0s * rp + ra * FM_AT_VL, rp, n,
-                                       vbase + (k0 + j0s) * a->vs_k, a->vs_k, dv_n,
-                                       ot + ra * FM_AT_VL, 0, rb - ra);
-            }
+            for (i0 = 0; i0 < nrv; i0++)
+                if (rv_a[i0] < rv_b[i0])
+                    FM_AT_FN(fm_at_pv_rv)(st + rv_a[i0] * rp + i0 * FM_AT_VL, rp,
+                                          rv_b[i0] - rv_a[i0], vbase + (k0 + rv_a[i0]) * a->vs_k,
+                                          a->vs_k, dv_n, ot + i0 * FM_AT_VL);
         }
         first = 0;
         whole = 1;
@@ -696,6 +735,7 @@ static FM_AT_ATTR int FM_AT_FN(fm_attn_run)(fm_attn_args *a)
     ntasks = pl.items * pl.nsplit;
     nt = a->nthreads < 1 ? 1 : a->nthreads;
     if (nt > ntasks) nt = (int)ntasks;
+
     mem = (char *)malloc((size_t)(lay.thread_bytes * nt + 64 +
                                   (pl.nsplit > 1 ? lay.part_bytes * ntasks + 64 : 0)));
     if (!mem) return -1;
@@ -736,6 +776,7 @@ static FM_AT_ATTR int FM_AT_FN(fm_attn_run)(fm_attn_args *a)
 }
 
 #undef FM_AT_RUN_ITEM
+#undef FM_AT_EV
 #undef V
 #undef IV
 #undef FM_AT_VL
