@@ -37,6 +37,7 @@ from .rules import (
     device_array_error,
     softmax_axis,
 )
+from .strided import fold4
 from .threads import get_num_threads
 
 __all__ = [
@@ -169,24 +170,10 @@ def fold(a: np.ndarray) -> np.ndarray | None:
         return a[None, None]
     if nd == 1:
         return a[None, None, None]
-    mid_shape = a.shape[1:-2]
-    mid_strides = a.strides[1:-2]
-    stride = None
-    for d, s in zip(reversed(mid_shape), reversed(mid_strides), strict=True):
-        if d == 1:
-            continue
-        if stride is None:
-            inner, stride = s, s * d
-        elif s == stride:
-            stride = s * d
-        else:
-            return None
-    h = int(np.prod(mid_shape))
-    if stride is None or h == 0:
-        inner = 0
-    return np.lib.stride_tricks.as_strided(
-        a, (a.shape[0], h, a.shape[-2], a.shape[-1]), (a.strides[0], inner, *a.strides[-2:])
-    )
+    folded = fold4(a.shape, a.strides)
+    if folded is None:
+        return None
+    return np.lib.stride_tricks.as_strided(a, *folded)
 
 
 def bounds4(plan: MaskPlan, b: int, h: int, q: int, n: int) -> np.ndarray:

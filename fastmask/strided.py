@@ -13,7 +13,38 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Strided", "c_strides", "overlaps_itself"]
+__all__ = ["Strided", "c_strides", "fold4", "overlaps_itself"]
+
+
+def fold4(
+    shape: tuple[int, ...], strides: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(..., Q, N)`` as ``(B, H, Q, N)``: the shape and strides that view the same
+    elements, the axes between the first and ``Q`` merged into ``H`` (a missing ``B``
+    or ``H`` has stride 0); None when those axes do not merge into one stride."""
+    nd = len(shape)
+    if nd <= 4:
+        if nd == 3:  # (B, Q, N) -> (B, 1, Q, N)
+            return (shape[0], 1, *shape[1:]), (strides[0], 0, *strides[1:])
+        pad = 4 - nd
+        return (1,) * pad + tuple(shape), (0,) * pad + tuple(strides)
+    stride = None
+    inner = 0
+    for d, s in zip(reversed(shape[1:-2]), reversed(strides[1:-2]), strict=True):
+        if d == 1:
+            continue
+        if stride is None:
+            inner, stride = s, s * d
+        elif s == stride:
+            stride = s * d
+        else:
+            return None
+    h = 1
+    for d in shape[1:-2]:
+        h *= d
+    if stride is None or h == 0:
+        inner = 0
+    return (shape[0], h, shape[-2], shape[-1]), (strides[0], inner, strides[-2], strides[-1])
 
 
 def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -134,35 +165,10 @@ class Strided:
 
     def fold(self) -> Strided | None:
         """``(..., Q, N)`` -> ``(B, H, Q, N)``, or None if the middle axes do not merge."""
-        nd = self.ndim
-        if nd <= 4:
-            pad = 4 - nd
-            if nd == 3:  # (B, Q, N) -> (B, 1, Q, N)
-                return replace(self, shape=(self.shape[0], 1, *self.shape[1:]),
-                               strides=(self.strides[0], 0, *self.strides[1:]))  # fmt: skip
-            return replace(self, shape=(1,) * pad + self.shape, strides=(0,) * pad + self.strides)
-        mid = list(zip(self.shape[1:-2], self.strides[1:-2], strict=True))
-        stride = None
-        inner = 0
-        for d, s in reversed(mid):
-            if d == 1:
-                continue
-            if stride is None:
-                inner, stride = s, s * d
-            elif s == stride:
-                stride = s * d
-            else:
-                return None
-        h = 1
-        for d, _ in mid:
-            h *= d
-        if stride is None or h == 0:
-            inner = 0
-        return replace(
-            self,
-            shape=(self.shape[0], h, self.shape[-2], self.shape[-1]),
-            strides=(self.strides[0], inner, self.strides[-2], self.strides[-1]),
-        )
+        folded = fold4(self.shape, self.strides)
+        if folded is None:
+            return None
+        return replace(self, shape=folded[0], strides=folded[1])
 
     def extent(self) -> tuple[int, int]:
         """Byte range ``[lo, hi)`` touched, relative to ``ptr`` (``(0, 0)`` when empty)."""
