@@ -387,7 +387,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
     fm_ssize rv_lo[FM_AT_RV], rv_hi[FM_AT_RV]; /* keys kept by some row of a row vector */
     fm_ssize rv_a[FM_AT_RV], rv_b[FM_AT_RV];   /* ... within this block: [a, b) */
     int first = 1; /* no block computed yet: O^T holds nothing (written, not added to) */
-    int whole = 1;
+    int whole;     /* every row vector keeps the whole block */
     FM_AT_T boff[FM_AT_RMAX]; /* each row's bias offset (fm_at_bias_offset), or 0 */
 
     for (r = 0; r < it->nrows; r++) /* over the whole row: split pieces must agree */
@@ -468,6 +468,7 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
          * row vector keeps only part of the block, each row vector's scores are computed
          * over its own kept range [a, b) alone; the rest of S^T is masked by the
          * softmax. */
+        whole = 1;
         for (i0 = 0; i0 < nrv; i0++) {
             rv_a[i0] = rv_lo[i0] > k0 ? rv_lo[i0] - k0 : 0;
             rv_b[i0] = rv_hi[i0] < k0 + nk ? rv_hi[i0] - k0 : nk;
@@ -524,7 +525,6 @@ static FM_AT_ATTR void FM_AT_FN(fm_at_item_run)(fm_attn_args *a, const fm_at_ite
                                           a->vs_k, dv_n, ot + i0 * FM_AT_VL);
         }
         first = 0;
-        whole = 1;
     }
     if (first) memset(ot, 0, (size_t)(dv_n * rp) * sizeof(FM_AT_T));
 }
@@ -735,7 +735,6 @@ static FM_AT_ATTR int FM_AT_FN(fm_attn_run)(fm_attn_args *a)
     ntasks = pl.items * pl.nsplit;
     nt = a->nthreads < 1 ? 1 : a->nthreads;
     if (nt > ntasks) nt = (int)ntasks;
-
     mem = (char *)malloc((size_t)(lay.thread_bytes * nt + 64 +
                                   (pl.nsplit > 1 ? lay.part_bytes * ntasks + 64 : 0)));
     if (!mem) return -1;

@@ -30,13 +30,20 @@ from . import outputs
 from .masks import MaskStrategy
 from .masks.base import MaskPlan, canonical_dims
 from .masks.custom import prepare as prepare_user_functions
-from .request import as_array, bounds4, compute_dtype, fold, host_float, mask_key, mask_strategy
+from .request import (
+    as_array,
+    bounds4,
+    compute_dtype,
+    fold,
+    host_bias,
+    host_float,
+    mask_key,
+    mask_strategy,
+)
 from .rules import (
-    BIAS_HINT,
     QKV_HINT,
     Operand,
     attention_dims,
-    check_broadcast,
 )
 from .threads import get_num_threads
 
@@ -271,11 +278,7 @@ def build_attention_requests(
     user_fns = prepare_user_functions(plan, cdt)  # (predicate, score), compiled: TypeError here
     keep = None if plan_keep is None else np.broadcast_to(plan_keep, scores_shape)
 
-    bias_view = None
-    if bias is not None:
-        ba = host_float(as_array(bias, "bias"), "bias", BIAS_HINT)
-        check_broadcast(Operand.of_host(ba, "bias"), scores_shape, "the scores'")
-        bias_view = np.broadcast_to(ba.astype(cdt, copy=False), scores_shape)
+    bias_view = None if bias is None else host_bias(bias, scores_shape, cdt, "the scores'")
 
     # Operands in the compute dtype (float16/bfloat16 are converted once, before broadcasting).
     qc = qa.astype(cdt, copy=False)

@@ -47,6 +47,7 @@ __all__ = [
     "build_softmax_requests",
     "compute_dtype",
     "fold",
+    "host_bias",
     "host_float",
     "mask_key",
     "mask_strategy",
@@ -157,6 +158,14 @@ def host_float(a: np.ndarray, what: str, hint: str) -> np.ndarray:
     if not a.flags.aligned:  # e.g. unpickled or np.frombuffer at an odd offset
         return a.copy()
     return a
+
+
+def host_bias(bias: Any, shape: tuple[int, ...], cdt: np.dtype, whose: str) -> np.ndarray:
+    """``bias=`` (a host array) checked by the rules and broadcast to ``shape`` as a view in
+    the compute dtype ``cdt``; ``whose`` names ``shape`` in errors ("x's", "the scores'")."""
+    ba = host_float(as_array(bias, "bias"), "bias", BIAS_HINT)
+    check_broadcast(Operand.of_host(ba, "bias"), shape, whose)
+    return np.broadcast_to(ba.astype(cdt, copy=False), shape)
 
 
 def fold(a: np.ndarray) -> np.ndarray | None:
@@ -279,9 +288,7 @@ def build_softmax_requests(
     if plan is not None and plan.keep is not None:
         operands[2] = np.broadcast_to(plan.keep, xa.shape)
     if bias is not None:
-        ba = host_float(as_array(bias, "bias"), "bias", BIAS_HINT)
-        check_broadcast(Operand.of_host(ba, "bias"), xa.shape, "x's")
-        operands[3] = np.broadcast_to(ba.astype(cdt, copy=False), xa.shape)
+        operands[3] = host_bias(bias, xa.shape, cdt, "x's")
 
     inplace = False
     if out is None:

@@ -325,7 +325,8 @@ def check_structured_axis(strategy: Any, ax: int, nd: int, axis: Any) -> None:
 
 
 def attention_shapes(q: Any, k: Any, v: Any) -> tuple[tuple[int, ...], int, int]:
-    """Validate q/k/v shapes; return ``(batch shape, Hq, Hk)`` (``Hk == Hq`` without GQA).
+    """Validate q/k/v shapes; return ``(batch shape, Hq, Hk)`` (``(batch, 1, 1)`` without
+    grouped-query attention).
 
     Reads only ``shape`` and ``ndim``: NumPy, device and dask arrays alike.
     """
